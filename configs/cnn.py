@@ -1,0 +1,71 @@
+"""Convolutional classifier on MNIST.
+
+Usage:
+  python -m train --config=configs/cnn.py --workdir=runs/cnn
+  python -m train --config=configs/cnn.py:tiny --config.optimizer.learning_rate=0.05
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """Returns the config; `variant` is 'default' or 'tiny' (seconds on a laptop CPU)."""
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "cnn"
+    config.model.conv_features = (32, 64)  # 3x3 SAME convolutions, each followed by a 2x2 max pool
+    config.model.dense_features = 128
+    config.model.num_classes = 10
+    config.model.dropout_rate = 0.0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "mnist"
+    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.batch_size = 128  # global: split over all devices and hosts
+    config.data.seq_len = 0  # unused by image data
+    config.data.vocab_size = 0  # unused by image data
+    config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adam"  # sgd (with momentum) | adam | adamw
+    config.optimizer.learning_rate = 1e-3  # peak value of the schedule
+    config.optimizer.momentum = 0.9  # sgd only
+    config.optimizer.b1 = 0.9  # adam/adamw only
+    config.optimizer.b2 = 0.999  # adam/adamw only
+    config.optimizer.weight_decay = 0.0  # adamw only (decoupled)
+    config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate = 0.0  # cosine only: value at the last step
+    config.optimizer.grad_clip_norm = 0.0  # clip the global gradient norm; 0 disables
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 5000  # about 10.7 epochs of 60000 images at batch 128
+    config.train.log_every = 100
+    config.train.eval_every = 1000
+    config.train.checkpoint_every = 1000
+    config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
+    config.train.sample_lines = 0  # language models only: text lines sampled at the end
+    config.train.sample_length = 0
+    config.train.sample_temperature = 1.0
+
+    config.seed = 0
+
+    if variant == "tiny":
+        config.model.conv_features = (8, 16)
+        config.model.dense_features = 32
+        config.data.train_split = "train[:8192]"
+        config.data.eval_split = "test[:1000]"
+        config.data.batch_size = 64
+        config.train.num_steps = 200
+        config.train.log_every = 50
+        config.train.eval_every = 100
+        config.train.checkpoint_every = 100
+        config.optimizer.warmup_steps = 10
+        config.optimizer.learning_rate = 3e-3
+    elif variant != "default":
+        raise ValueError(f"Unknown variant {variant!r} of configs/cnn.py. Known: default, tiny")
+    return config

@@ -1,0 +1,79 @@
+"""Stacked LSTM sentiment classifier on GLUE SST-2 (word tokens).
+
+Usage:
+  python -m train --config=configs/lstm.py --workdir=runs/lstm
+  python -m train --config=configs/lstm.py:tiny --config.model.hidden_size=64
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """Returns the config; `variant` is 'default' or 'tiny' (seconds on a laptop CPU)."""
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "lstm"
+    config.model.num_layers = 2
+    config.model.hidden_size = 256
+    config.model.num_outputs = 2  # negative / positive
+    config.model.vocab_size = 16384  # must be >= data.vocab_size
+    config.model.embed_dim = 256
+    config.model.head_sizes = (256,)  # Dense+relu layers between the last LSTM state and the logits
+    config.model.per_step = False  # False: classify the sequence from its last real token
+    config.model.dropout_rate = 0.2
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "glue/sst2"
+    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"  # the test split has no labels
+    config.data.batch_size = 64  # global: split over all devices and hosts
+    config.data.seq_len = 64  # tokens per sentence after padding/truncation (99% of SST-2 fits)
+    config.data.vocab_size = 16384  # most frequent training words, <pad> and <unk> included
+    config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adam"  # sgd (with momentum) | adam | adamw
+    config.optimizer.learning_rate = 1e-3  # peak value of the schedule
+    config.optimizer.momentum = 0.9  # sgd only
+    config.optimizer.b1 = 0.9  # adam/adamw only
+    config.optimizer.b2 = 0.999  # adam/adamw only
+    config.optimizer.weight_decay = 0.0  # adamw only (decoupled)
+    config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate = 0.0  # cosine only: value at the last step
+    config.optimizer.grad_clip_norm = 1.0  # recurrent nets: keeps early steps stable; 0 disables
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 3000  # about 2.9 epochs of 67349 sentences at batch 64
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 1000
+    config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
+    config.train.sample_lines = 0  # language models only: text lines sampled at the end
+    config.train.sample_length = 0
+    config.train.sample_temperature = 1.0
+
+    config.seed = 0
+
+    if variant == "tiny":
+        config.model.num_layers = 1
+        config.model.hidden_size = 32
+        config.model.vocab_size = 2048
+        config.model.embed_dim = 32
+        config.model.head_sizes = ()
+        config.model.dropout_rate = 0.0
+        config.data.vocab_size = 2048
+        config.data.seq_len = 32
+        config.data.batch_size = 32
+        config.train.num_steps = 200
+        config.train.log_every = 50
+        config.train.eval_every = 100
+        config.train.checkpoint_every = 100
+        config.optimizer.warmup_steps = 10
+        config.optimizer.learning_rate = 3e-3
+    elif variant != "default":
+        raise ValueError(f"Unknown variant {variant!r} of configs/lstm.py. Known: default, tiny")
+    return config

@@ -1,0 +1,87 @@
+"""Pre-LayerNorm decoder Transformer: a character language model of tiny_shakespeare.
+
+Usage:
+  python -m train --config=configs/transformer.py --workdir=runs/transformer
+  python -m train --config=configs/transformer.py:tiny --config.train.num_steps=500
+
+The default is sized to train in well under an hour on a laptop CPU (about 3.2M parameters, 4096 tokens
+a step); on a GPU or TPU raise `model.width`, `model.num_layers`, `data.seq_len` and `data.batch_size`.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """Returns the config; `variant` is 'default' or 'tiny' (seconds on a laptop CPU)."""
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "transformer"
+    config.model.vocab_size = 65  # characters of the training text; must be >= the data's vocabulary
+    config.model.num_layers = 4
+    config.model.num_heads = 4
+    config.model.width = 256
+    config.model.mlp_dim = 1024  # 4 x width, as in GPT-2
+    config.model.max_len = 128  # longest sequence the position table covers; >= data.seq_len
+    config.model.causal = True  # decoder LM; False with num_classes > 0 is an encoder classifier
+    config.model.num_classes = 0  # 0: language-model head over the vocabulary
+    config.model.dropout_rate = 0.1
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "tiny_shakespeare"
+    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.batch_size = 32  # global: split over all devices and hosts
+    config.data.seq_len = 128  # characters per training window
+    config.data.vocab_size = 0  # unused: the character vocabulary is read off the training text
+    config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # sgd (with momentum) | adam | adamw
+    config.optimizer.learning_rate = 1e-3  # peak value of the schedule
+    config.optimizer.momentum = 0.9  # sgd only
+    config.optimizer.b1 = 0.9  # adam/adamw only
+    config.optimizer.b2 = 0.99  # small data set: a shorter second-moment memory helps (nanoGPT)
+    config.optimizer.weight_decay = 0.1  # adamw only (decoupled)
+    config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate = 1e-4  # cosine only: value at the last step
+    config.optimizer.grad_clip_norm = 1.0  # clip the global gradient norm; 0 disables
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_steps = 2000  # about 8 epochs of the 1M training characters
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
+    config.train.sample_lines = 4  # text samples written to the log and workdir at the end
+    config.train.sample_length = 200  # characters per sample
+    config.train.sample_temperature = 0.8
+
+    config.seed = 0
+
+    if variant == "tiny":
+        config.model.num_layers = 2
+        config.model.num_heads = 2
+        config.model.width = 64
+        config.model.mlp_dim = 256
+        config.model.max_len = 64
+        config.model.dropout_rate = 0.0
+        config.data.seq_len = 64
+        config.data.batch_size = 16
+        config.data.eval_split = "validation"
+        config.train.num_steps = 200
+        config.train.log_every = 50
+        config.train.eval_every = 100
+        config.train.checkpoint_every = 100
+        config.train.sample_lines = 2
+        config.train.sample_length = 80
+        config.optimizer.warmup_steps = 10
+        config.optimizer.learning_rate = 3e-3
+    elif variant != "default":
+        raise ValueError(
+            f"Unknown variant {variant!r} of configs/transformer.py. Known: default, tiny"
+        )
+    return config

@@ -1,0 +1,329 @@
+"""The input pipeline on the real prepared data: shapes, vocabularies, seeds, shards, eval sums."""
+
+import collections
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+
+from train import data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RAW = REPO.parent / "shared" / "data" / "raw"
+
+
+def data_config(data_dir: str, dataset: str = "mnist", **overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        dict(
+            dataset=dataset,
+            data_dir=data_dir,
+            train_split="train[:512]",
+            eval_split="test[:1000]",
+            batch_size=64,
+            seq_len=0,
+            vocab_size=0,
+            num_workers=0,
+        )
+    )
+    if dataset == "tiny_shakespeare":
+        config.update(train_split="train", eval_split="validation", seq_len=32)
+    if dataset == "glue/sst2":
+        config.update(
+            train_split="train[:2048]", eval_split="validation", seq_len=16, vocab_size=16384
+        )
+    config.update(overrides)
+    return config
+
+
+def take(iterator, n: int) -> list[dict]:
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def shakespeare_train_text() -> str:
+    text = (RAW / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
+    return text[: int(len(text) * 0.9)]  # TFDS's train split: the first 90% of the characters
+
+
+def sst2_rows(name: str) -> list[dict]:
+    with open(RAW / "glue_sst2" / name, encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+# --- Config plumbing ------------------------------------------------------------------------------
+
+
+def test_resolve_data_dir_prefers_config_then_env_then_default(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/from/env")
+    assert data.resolve_data_dir(data_config("/from/config")) == "/from/config"
+    assert data.resolve_data_dir(data_config(None)) == "/from/env"
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert data.resolve_data_dir(data_config(None)) == str(
+        pathlib.Path.home() / "tensorflow_datasets"
+    )
+
+
+# --- MNIST ----------------------------------------------------------------------------------------
+
+
+def test_mnist_info_and_train_batches(data_dir):
+    config = data_config(data_dir, train_split="train[:256]", batch_size=128)
+    info = data.load_info(config)
+    assert (info.vocab_size, info.num_classes, info.is_language_model, info.vocab) == (
+        0,
+        10,
+        False,
+        (),
+    )
+
+    first, second = take(data.train_iterator(config, seed=0), 2)
+    assert first["inputs"].shape == (128, 28, 28, 1) and first["inputs"].dtype == np.float32
+    assert first["targets"].shape == (128,) and first["targets"].dtype == np.int32
+    np.testing.assert_array_equal(first["weights"], np.ones(128, np.float32))
+    assert 0.0 <= first["inputs"].min() and first["inputs"].max() == 1.0
+
+    # Two batches are one epoch of 256 examples: each exactly once, whatever the order.
+    source = data.tfds.data_source("mnist", split="train[:256]", data_dir=data_dir, download=False)
+    examples = source.__getitems__(list(range(256)))
+    labels = np.array([ex["label"] for ex in examples])
+    pixels = np.array([ex["image"].sum() for ex in examples])
+    epoch = {k: np.concatenate([first[k], second[k]]) for k in first}
+    np.testing.assert_array_equal(np.sort(epoch["targets"]), np.sort(labels))
+    np.testing.assert_array_equal(
+        np.sort(np.round(epoch["inputs"].sum(axis=(1, 2, 3)) * 255).astype(np.int64)),
+        np.sort(pixels),
+    )
+
+
+def test_mnist_eval_counts_every_example_once(data_dir):
+    config = data_config(data_dir, batch_size=384)
+    batches = list(data.eval_batches(config))
+    assert len(batches) == 3  # ceil(1000 / 384)
+    assert all(
+        b["inputs"].shape == (384, 28, 28, 1) and b["weights"].shape == (384,) for b in batches
+    )
+    assert sum(b["weights"].sum() for b in batches) == 1000
+    last = batches[-1]
+    np.testing.assert_array_equal(last["weights"][:232], 1.0)  # 1000 - 2 * 384 real rows
+    np.testing.assert_array_equal(last["weights"][232:], 0.0)
+    assert not last["inputs"][232:].any() and not last["targets"][232:].any()
+
+    # Two processes: disjoint row blocks of the same global batches, the same number of steps.
+    shards = [list(data.eval_batches(config, process_index=p, process_count=2)) for p in (0, 1)]
+    assert [len(s) for s in shards] == [3, 3]
+    assert [sum(b["weights"].sum() for b in s) for s in shards] == [576, 424]  # 3*192, 192+192+40
+    for step, whole in enumerate(batches):
+        for key in whole:
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[key])
+
+    assert_batches_equal(list(data.eval_batches(config)), batches)  # a second pass is the same
+
+
+# --- tiny_shakespeare -----------------------------------------------------------------------------
+
+
+def test_shakespeare_vocab_and_round_trip(data_dir):
+    info = data.load_info(data_config(data_dir, "tiny_shakespeare"))
+    text = shakespeare_train_text()
+    assert info.vocab_size == 65 and info.num_classes == 0 and info.is_language_model
+    assert info.vocab == tuple(sorted(set(text)))
+    assert info.vocab[:3] == ("\n", " ", "!")
+    ids = info.encode(text[:100])
+    assert ids.dtype == np.int32 and ids.shape == (100,)
+    assert ids[0] == info.vocab.index(text[0])
+    assert info.decode(ids) == text[:100]
+    with pytest.raises(ValueError, match="not in the 65-char vocabulary"):
+        info.encode("caf\u00e9")
+
+
+def test_shakespeare_train_windows(data_dir):
+    config = data_config(data_dir, "tiny_shakespeare", batch_size=16, seq_len=32)
+    info = data.load_info(config)
+    text = shakespeare_train_text()
+    (batch,) = take(data.train_iterator(config, seed=3), 1)
+    for key in ("inputs", "targets"):
+        assert batch[key].shape == (16, 32) and batch[key].dtype == np.int32
+    np.testing.assert_array_equal(batch["weights"], np.ones((16, 32), np.float32))
+    np.testing.assert_array_equal(
+        batch["inputs"][:, 1:], batch["targets"][:, :-1]
+    )  # shifted by one
+    for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+        window = info.decode(inputs) + info.decode(targets[-1:])  # seq_len + 1 characters
+        assert text.find(window) % 32 == 0  # a window starts at a multiple of seq_len
+
+
+def test_shakespeare_eval_counts_every_target_token(data_dir):
+    config = data_config(data_dir, "tiny_shakespeare", batch_size=128, seq_len=64)
+    batches = list(data.eval_batches(config))
+    assert len(batches) == 7  # ceil(ceil(55769 / 64) / 128) = ceil(872 / 128)
+    assert all(b["weights"].shape == (128, 64) and b["targets"].shape == (128, 64) for b in batches)
+    assert sum(b["weights"].sum() for b in batches) == 55770 - 1  # every character but the first
+
+
+# --- glue/sst2 ------------------------------------------------------------------------------------
+
+
+def test_sst2_vocab_matches_raw_tsv(data_dir):
+    counts = collections.Counter(
+        word for row in sst2_rows("train.tsv") for word in row["sentence"].lower().split()
+    )
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    info = data.load_info(data_config(data_dir, "glue/sst2", vocab_size=1000))
+    assert info.vocab == ("<pad>", "<unk>", *[w for w, _ in ranked[:998]])
+    assert (info.vocab_size, info.num_classes, info.is_language_model) == (1000, 2, False)
+    assert [info.vocab.index(w) for w in ("the", ",", "a", "and", "of", ".")] == [2, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(info.encode("The film , zzzunseenzzz ."), [2, 17, 3, 1, 7])
+    assert info.vocab[17] == "film"
+    assert info.decode([2, 17, 7, 0, 0]) == "the film ."
+    # The full vocabulary: every training word fits in 16384 entries.
+    assert data.load_info(data_config(data_dir, "glue/sst2")).vocab_size == len(counts) + 2 == 14818
+
+
+def test_sst2_train_batches(data_dir):
+    config = data_config(data_dir, "glue/sst2", batch_size=32, seq_len=16)
+    (batch,) = take(data.train_iterator(config, seed=0), 1)
+    assert batch["inputs"].shape == (32, 16) and batch["inputs"].dtype == np.int32
+    assert batch["targets"].shape == (32,) and batch["targets"].dtype == np.int32
+    assert set(batch["targets"].tolist()) == {0, 1}
+    real = batch["inputs"] != 0
+    assert (real[:, :-1] >= real[:, 1:]).all()  # padding only at the end
+    sentences = {" ".join(row["sentence"].lower().split()[:16]) for row in sst2_rows("train.tsv")}
+    info = data.load_info(config)
+    assert all(info.decode(row) in sentences for row in batch["inputs"])
+
+
+def test_sst2_eval_needs_labels(data_dir):
+    config = data_config(data_dir, "glue/sst2", batch_size=100)
+    batches = list(data.eval_batches(config))
+    assert len(batches) == 9 and sum(b["weights"].sum() for b in batches) == 872
+    targets = np.concatenate([b["targets"] for b in batches])[:872]
+    np.testing.assert_array_equal(np.bincount(targets), [428, 444])  # dev.tsv's label counts
+    with pytest.raises(ValueError, match="no labels") as err:
+        data.eval_batches(data_config(data_dir, "glue/sst2", eval_split="test"))
+    assert "\n" not in str(err.value)
+
+
+# --- Determinism, checkpoints, shards -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "tiny_shakespeare", "glue/sst2"])
+def test_same_seed_same_batches_and_state_restores(dataset, data_dir):
+    config = data_config(data_dir, dataset, batch_size=32)
+    assert_batches_equal(
+        take(data.train_iterator(config, seed=7), 3), take(data.train_iterator(config, seed=7), 3)
+    )
+    other = next(data.train_iterator(config, seed=8))
+    assert not np.array_equal(other["inputs"], next(data.train_iterator(config, seed=7))["inputs"])
+
+    iterator = data.train_iterator(config, seed=7)
+    take(iterator, 2)
+    state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
+    expected = take(iterator, 2)
+    restored = data.train_iterator(config, seed=7)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 2), expected)
+
+
+def test_reshuffles_each_epoch(data_dir):
+    config = data_config(data_dir, "mnist", train_split="train[:64]", batch_size=64)
+    first, second = take(data.train_iterator(config, seed=0), 2)
+    np.testing.assert_array_equal(np.sort(first["targets"]), np.sort(second["targets"]))
+    assert not np.array_equal(first["targets"], second["targets"])
+
+
+def test_process_shards_split_the_global_batch(data_dir):
+    config = data_config(data_dir, "mnist", batch_size=64)
+    whole = take(data.train_iterator(config, seed=1), 2)
+    shards = [
+        take(data.train_iterator(config, seed=1, process_index=p, process_count=2), 2)
+        for p in (0, 1)
+    ]
+    for step in range(2):
+        assert shards[0][step]["inputs"].shape == (32, 28, 28, 1)
+        images = [s[step]["inputs"].reshape(32, -1) for s in shards]
+        # Disjoint: no image of process 0 is in process 1's batch (train[:512] has no duplicates).
+        assert not (images[0][:, None, :] == images[1][None, :, :]).all(axis=-1).any()
+        for key in whole[step]:
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[step][key])
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        data.train_iterator(config, seed=1, process_index=0, process_count=3)
+
+
+def test_worker_threads_give_the_same_batches(data_dir):
+    config = data_config(data_dir, "glue/sst2", batch_size=32)
+    threaded = data_config(data_dir, "glue/sst2", batch_size=32, num_workers=2)
+    assert_batches_equal(
+        take(data.train_iterator(config, seed=0), 4), take(data.train_iterator(threaded, seed=0), 4)
+    )
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+
+def test_missing_dataset_is_one_line_naming_the_data_dir(data_dir, tmp_path):
+    empty = str(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match="TFDS_DATA_DIR") as err:
+        data.train_iterator(data_config(empty, "mnist"), seed=0)
+    assert empty in str(err.value) and "\n" not in str(err.value)
+    assert "download_and_prepare" in str(err.value)
+
+    with pytest.raises(FileNotFoundError) as err:
+        data.load_info(data_config(data_dir, "no_such_dataset"))
+    assert data_dir in str(err.value) and "\n" not in str(err.value)
+
+    tfrecord_dir = str(pathlib.Path(data_dir).parent / "tensorflow_datasets")
+    if pathlib.Path(tfrecord_dir).is_dir():  # prepared, but as TFRecord: no random access
+        with pytest.raises(FileNotFoundError, match="ArrayRecord") as err:
+            data.train_iterator(data_config(tfrecord_dir, "mnist"), seed=0)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("split", ["validation", "train[:abc]"])
+def test_bad_split_is_one_line(split, data_dir):
+    with pytest.raises(ValueError, match="Splits: ") as err:
+        data.train_iterator(data_config(data_dir, "mnist", train_split=split), seed=0)
+    assert data_dir in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_path_does_not_import_tensorflow():
+    # A fresh interpreter, so other test files cannot have imported TensorFlow already.
+    code = textwrap.dedent(
+        """
+        import sys
+        import ml_collections
+        from train import data
+
+        for name, split, seq_len in [
+            ("mnist", "test[:64]", 0),
+            ("tiny_shakespeare", "validation", 8),
+            ("glue/sst2", "validation[:64]", 8),
+        ]:
+            config = ml_collections.ConfigDict(dict(
+                dataset=name, data_dir=None, train_split=split, eval_split=split, batch_size=8,
+                seq_len=seq_len, vocab_size=64, num_workers=0,
+            ))
+            data.load_info(config)
+            next(data.train_iterator(config, seed=0))
+            next(data.eval_batches(config))
+        print("tensorflow" in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False"

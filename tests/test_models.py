@@ -1,0 +1,351 @@
+"""jaxmodels: exact parameter counts, shapes, masking invariants, dropout and the model table."""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
+from jaxmodels.cnn import max_pool_2x2
+
+# One small set of fields per model in MODELS, with an example input and the expected output shape.
+SMALL_FIELDS = {
+    "mlp": dict(hidden_sizes=(16, 8), num_classes=3),
+    "cnn": dict(conv_features=(4, 8), dense_features=16, num_classes=3),
+    "lstm": dict(
+        num_layers=2, hidden_size=8, num_outputs=3, vocab_size=20, embed_dim=6, head_sizes=(5,)
+    ),
+    "transformer": dict(vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12),
+}
+EXPECTED_SHAPES = {"mlp": (2, 3), "cnn": (2, 3), "lstm": (2, 3), "transformer": (2, 7, 16)}
+
+
+def key(seed: int) -> jax.Array:
+    """A PRNG key for init and dropout in these tests.
+
+    XLA:CPU spends seconds in LLVM compiling the default threefry generator for some tiny
+    multi-dimensional shapes (3-4 s for a (3, 3, 4, 8) conv kernel), which would dominate this
+    suite. "rbg" keys compile in a fraction of that, and nothing checked here depends on the
+    generator.
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
+def random_normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def random_tokens(seed: int, shape: tuple[int, ...], vocab_size: int) -> jax.Array:
+    """Token ids in [1, vocab_size): no padding."""
+    return jnp.asarray(np.random.default_rng(seed).integers(1, vocab_size, size=shape), jnp.int32)
+
+
+def example_input(name: str) -> jax.Array:
+    """A batch of 2 inputs that fits `SMALL_FIELDS[name]`."""
+    if name == "mlp":
+        return random_normal(1, (2, 4, 5))  # flattened to 20 features
+    if name == "cnn":
+        return random_normal(1, (2, 8, 8, 1))  # 8 -> 4 -> 2
+    return random_tokens(
+        1, (2, 7), vocab_size=16
+    )  # fits both vocabularies (lstm 20, transformer 16)
+
+
+def init_params(model: nn.Module, x: jax.Array) -> dict:
+    return jax.jit(model.init, static_argnames="train")(key(0), x, train=False)["params"]
+
+
+def count_params(model: nn.Module, x: jax.Array) -> int:
+    # eval_shape traces init without computing anything: counts cost no compile.
+    shapes = jax.eval_shape(lambda: model.init(key(0), x, train=False))["params"]
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+
+
+def apply_fn(model: nn.Module) -> Callable[..., jax.Array]:
+    return jax.jit(model.apply, static_argnames="train")
+
+
+class Built(NamedTuple):
+    model: nn.Module
+    variables: dict
+    apply: Callable[..., jax.Array]  # jitted model.apply; `train` is static
+
+
+@pytest.fixture(scope="module")
+def small() -> Callable[[str], Built]:
+    """`small(name)` builds the SMALL_FIELDS model once per module and reuses its jitted apply.
+
+    Init and compiles dominate this suite's time on CPU, so tests share them.
+    """
+    built = {}
+
+    def get(name: str) -> Built:
+        if name not in built:
+            model = build_model(name, **SMALL_FIELDS[name])
+            params = init_params(model, example_input(name))
+            built[name] = Built(model, {"params": params}, apply_fn(model))
+        return built[name]
+
+    return get
+
+
+def test_every_model_has_a_test_case():
+    assert set(SMALL_FIELDS) == set(MODELS) == set(EXPECTED_SHAPES)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_output_shape_and_dtype(name, small):
+    model = small(name)
+    logits = model.apply(model.variables, example_input(name), train=False)
+    assert logits.shape == EXPECTED_SHAPES[name]
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+# Hand-worked parameter counts. Dense: inputs*outputs + outputs; LSTM layer: 4 gates of size H.
+H = 8  # LSTM hidden size in the cases below
+D = 8  # Transformer width in the cases below
+BLOCK = (
+    2 * D  # attn LayerNorm scale + bias
+    + (D * 3 * D + 3 * D)  # fused qkv
+    + (D * D + D)  # attention output
+    + 2 * D  # mlp LayerNorm
+    + (D * 16 + 16)  # mlp_in (mlp_dim 16)
+    + (16 * D + D)  # mlp_out
+)  # = 600
+PARAM_COUNTS = [
+    pytest.param(
+        "mlp", SMALL_FIELDS["mlp"], jnp.zeros((1, 4, 5)),
+        (4 * 5) * 16 + 16  # hidden_0
+        + 16 * 8 + 8  # hidden_1
+        + 8 * 3 + 3,  # logits
+        id="mlp",
+    ),
+    pytest.param(
+        "cnn", SMALL_FIELDS["cnn"], jnp.zeros((1, 8, 8, 1)),
+        3 * 3 * 1 * 4 + 4  # conv_0
+        + 3 * 3 * 4 * 8 + 8  # conv_1
+        + (2 * 2 * 8) * 16 + 16  # dense on the 8 -> 4 -> 2 feature map
+        + 16 * 3 + 3,  # logits
+        id="cnn",
+    ),
+    pytest.param(
+        "cnn", {}, jnp.zeros((1, 28, 28, 1)),
+        3 * 3 * 1 * 32 + 32  # conv_0 = 320
+        + 3 * 3 * 32 * 64 + 64  # conv_1 = 18496
+        + (7 * 7 * 64) * 128 + 128  # dense on 28 -> 14 -> 7 = 401536
+        + 128 * 10 + 10,  # logits = 1290; total 421642
+        id="cnn-mnist-defaults",
+    ),
+    pytest.param(
+        "lstm", SMALL_FIELDS["lstm"], jnp.ones((1, 7), jnp.int32),
+        20 * 6  # embed
+        + 6 * 4 * H + H * 4 * H + 4 * H  # lstm_0: input_kernel, recurrent_kernel, bias
+        + H * 4 * H + H * 4 * H + 4 * H  # lstm_1
+        + H * 5 + 5  # head_0
+        + 5 * 3 + 3,  # logits
+        id="lstm-tokens",
+    ),
+    pytest.param(
+        "lstm", dict(num_layers=1, hidden_size=H, num_outputs=4, per_step=True),
+        jnp.zeros((1, 5, 3)),
+        3 * 4 * H + H * 4 * H + 4 * H  # lstm_0 on 3 features
+        + H * 4 + 4,  # logits
+        id="lstm-features",
+    ),
+    pytest.param(
+        "transformer", SMALL_FIELDS["transformer"], jnp.ones((1, 7), jnp.int32),
+        16 * D  # token_embed
+        + 12 * D  # pos_embed (max_len 12)
+        + 2 * BLOCK  # two blocks
+        + 2 * D  # final LayerNorm
+        + D * 16 + 16,  # lm_head over the 16-token vocabulary
+        id="transformer-decoder",
+    ),
+    pytest.param(
+        "transformer", dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3),
+        jnp.ones((1, 7), jnp.int32),
+        16 * D + 12 * D + 2 * BLOCK + 2 * D  # as the decoder, without the LM head
+        + D * 3 + 3,  # classifier
+        id="transformer-encoder",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, fields, x, expected", PARAM_COUNTS)
+def test_param_count(name, fields, x, expected):
+    assert count_params(build_model(name, **fields), x) == expected
+
+
+@pytest.mark.parametrize(
+    "name, fields, x, expected",
+    [
+        ("lstm", dict(SMALL_FIELDS["lstm"], num_outputs=20, per_step=True), (2, 7), (2, 7, 20)),
+        ("lstm", dict(num_layers=1, hidden_size=H, num_outputs=4), (2, 5, 3), (2, 4)),
+        (
+            "lstm",
+            dict(num_layers=1, hidden_size=H, num_outputs=4, per_step=True),
+            (2, 5, 3),
+            (2, 5, 4),
+        ),
+        (
+            "transformer",
+            dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3),
+            (2, 7),
+            (2, 3),
+        ),
+    ],
+    ids=["lstm-lm", "lstm-features-classifier", "lstm-features-per-step", "transformer-encoder"],
+)
+def test_variant_output_shapes(name, fields, x, expected):
+    # Token inputs when the model has a vocabulary, else float features; shapes only, no compile.
+    x = jnp.ones(x, jnp.int32 if "vocab_size" in fields else jnp.float32)
+    model = build_model(name, **fields)
+    logits = jax.eval_shape(lambda: model.init_with_output(key(0), x, train=False)[0])
+    assert (logits.shape, logits.dtype) == (expected, jnp.float32)
+
+
+def test_lstm_tokens_need_embed_dim():
+    model = build_model("lstm", num_layers=1, hidden_size=4, num_outputs=2, vocab_size=10)
+    with pytest.raises(ValueError, match="embed_dim"):
+        jax.eval_shape(lambda: model.init(key(0), jnp.ones((1, 3), jnp.int32), train=False))
+
+
+def test_transformer_decoder_is_causal(small):
+    model = small("transformer")
+    tokens = example_input("transformer")  # [2, 7]
+    logits = model.apply(model.variables, tokens, train=False)  # [2, 7, 16]
+
+    t = 3
+    shifted = tokens % 15 + 1  # a different id in [1, 16) at every position
+    later_changed = tokens.at[:, t + 1 :].set(shifted[:, t + 1 :])
+    changed_logits = model.apply(model.variables, later_changed, train=False)
+    # Masked positions get exactly zero attention weight, so earlier positions are bit-identical.
+    np.testing.assert_array_equal(changed_logits[:, : t + 1], logits[:, : t + 1])
+    assert not np.allclose(changed_logits[:, t + 1 :], logits[:, t + 1 :])
+
+    # Changing token t itself must change the prediction at t (else the check above proves nothing).
+    token_changed = tokens.at[:, t].set(shifted[:, t])
+    new_logits = model.apply(model.variables, token_changed, train=False)
+    np.testing.assert_array_equal(new_logits[:, :t], logits[:, :t])
+    assert (np.abs(new_logits[:, t] - logits[:, t]).max(axis=-1) > 1e-4).all()
+
+
+def test_transformer_encoder_ignores_padding():
+    model = build_model("transformer", **SMALL_FIELDS["transformer"], causal=False, num_classes=3)
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
+    variables = {"params": init_params(model, tokens)}
+    apply = apply_fn(model)
+    logits = apply(variables, tokens, train=False)  # [2, 3]
+    assert logits.shape == (2, 3)
+    more_padding = jnp.pad(tokens, ((0, 0), (0, 5)))  # [2, 12]
+    np.testing.assert_allclose(apply(variables, more_padding, train=False), logits, atol=1e-5)
+    # A real token does count.
+    assert not np.allclose(apply(variables, tokens.at[1, 2].set(8), train=False)[1], logits[1])
+
+
+def test_transformer_rejects_bad_inputs_and_modes():
+    fields = SMALL_FIELDS["transformer"]
+    with pytest.raises(ValueError, match="exceeds max_len=12"):
+        Transformer(**fields).init(key(0), jnp.ones((1, 13), jnp.int32), train=False)
+    for bad_mode in (dict(causal=False), dict(causal=True, num_classes=3)):
+        with pytest.raises(ValueError, match="num_classes"):
+            Transformer(**fields, **bad_mode).init(key(0), jnp.ones((1, 4), jnp.int32), train=False)
+
+
+def test_lstm_layer_matches_cell_loop():
+    x = random_normal(1, (3, 6, 5))  # [batch, seq_len, features]
+    layer = LSTMLayer(hidden_size=H)
+    params = jax.jit(layer.init)(key(0), x)["params"]
+    assert {k: v.shape for k, v in params.items()} == {
+        "input_kernel": (5, 4 * H),
+        "recurrent_kernel": (H, 4 * H),
+        "bias": (4 * H,),
+    }
+    # Non-zero bias so the check covers where the bias is added.
+    params = dict(params, bias=random_normal(2, (4 * H,)))
+    outputs = jax.jit(layer.apply)({"params": params}, x)  # [3, 6, H]
+
+    cell = LSTMCell(hidden_size=H)
+    carry = (jnp.zeros((3, H)), jnp.zeros((3, H)))
+    expected = []
+    for t in range(x.shape[1]):
+        carry, h = cell.apply({"params": params}, carry, x[:, t])
+        expected.append(h)
+    np.testing.assert_allclose(outputs, jnp.stack(expected, axis=1), atol=1e-5)
+
+
+def test_lstm_classifier_uses_only_valid_tokens(small):
+    model = small("lstm")
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
+    logits = model.apply(model.variables, tokens, train=False)
+    more_padding = jnp.pad(tokens, ((0, 0), (0, 4)))  # [2, 11]
+    np.testing.assert_allclose(
+        model.apply(model.variables, more_padding, train=False), logits, atol=1e-5
+    )
+    # The last valid token does count.
+    new_logits = model.apply(model.variables, tokens.at[1, 2].set(8), train=False)
+    assert not np.allclose(new_logits[1], logits[1])
+
+
+def test_lstm_under_pmap_and_grad(small):
+    model = small("lstm")
+    tokens = random_tokens(1, (4, 2, 7), vocab_size=20)  # [devices, batch, seq_len]
+    tokens = tokens.at[:, :, 5:].set(0)  # some padding
+    pmapped = jax.pmap(lambda v, x: model.model.apply(v, x, train=False), in_axes=(None, 0))
+    outputs = pmapped(model.variables, tokens)  # [devices, batch, num_outputs]
+    for device_tokens, device_outputs in zip(tokens, outputs, strict=True):
+        expected = model.apply(model.variables, device_tokens, train=False)
+        np.testing.assert_allclose(device_outputs, expected, atol=1e-6)
+
+    def loss(params):
+        return model.model.apply({"params": params}, tokens[0], train=False).sum()
+
+    grads = jax.jit(jax.grad(loss))(model.variables["params"])
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.isfinite(np.asarray(grad)).all() and np.abs(grad).max() > 0, path
+
+
+def test_max_pool_matches_nn_max_pool():
+    x = random_normal(0, (2, 8, 6, 3))
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    with pytest.raises(ValueError, match=r"\(2, 7, 6, 3\)"):
+        max_pool_2x2(jnp.zeros((2, 7, 6, 3)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dropout(name, small):
+    base = small(name)
+    model = base.model.clone(dropout_rate=0.5)  # same parameters as the base model
+    apply = apply_fn(model)
+    x = example_input(name)
+    first = apply(base.variables, x, train=True, rngs={"dropout": key(1)})
+    second = apply(base.variables, x, train=True, rngs={"dropout": key(2)})
+    assert not np.allclose(first, second)
+    # Evaluation needs no rng and is deterministic: it matches the model without dropout.
+    np.testing.assert_array_equal(
+        apply(base.variables, x, train=False), base.apply(base.variables, x, train=False)
+    )
+
+
+def test_build_model_unknown_name():
+    with pytest.raises(KeyError, match=r"Unknown model 'nope'\. Known: \['cnn', 'lstm', 'mlp'"):
+        build_model("nope")
+
+
+def test_build_model_unknown_field():
+    with pytest.raises(TypeError) as info:
+        build_model("mlp", hidden_sizes=(4,), num_classes=2, num_layer=3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'mlp'" in message and "['num_layer']" in message
+    assert "['dropout_rate', 'hidden_sizes', 'num_classes']" in message
+
+
+def test_build_model_returns_configured_module():
+    model = build_model("cnn", num_classes=7)
+    assert isinstance(model, MODELS["cnn"]) and model.num_classes == 7

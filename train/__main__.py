@@ -1,0 +1,43 @@
+"""Command line: python -m train --config=configs/transformer.py[:variant] [--workdir=DIR].
+
+Any config field can be overridden, e.g. --config.optimizer.learning_rate=3e-4.
+"""
+
+import importlib.util
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: configs/cnn.py:tiny", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[-<variant>]).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_arg: str) -> str:
+    """runs/cnn for configs/cnn.py, runs/cnn-tiny for configs/cnn.py:tiny."""
+    path, _, variant = config_arg.partition(":")
+    name = pathlib.Path(path).stem
+    return str(pathlib.Path("runs") / (f"{name}-{variant}" if variant else name))
+
+
+def main(argv):
+    del argv
+    # TensorFlow is not needed, but if it is installed it must not take GPU memory from JAX.
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    from train import loop  # imported after flag parsing: importing jax is slow
+
+    workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+    logging.info("Workdir: %s", workdir)
+    _, scalars = loop.train_and_evaluate(FLAGS.config, workdir)
+    print(" ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
+
+
+if __name__ == "__main__":
+    app.run(main)

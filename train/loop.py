@@ -1,0 +1,298 @@
+"""The training loop: build, restore, step, log, evaluate, save. `python -m train` calls
+`train_and_evaluate`; so can a notebook."""
+
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from train import checkpoint, data, metrics, optim, sample, steps
+from train.state import TrainState, create_train_state, example_inputs
+
+PMAP_AXIS = "batch"
+
+
+class Compiled(NamedTuple):
+    """The step functions compiled for one way of using the devices, and the conversions they need.
+
+    The loop keeps the state in the form `train` takes (`to_run` / `from_run` convert from and to the
+    canonical form: global arrays, replicated over the mesh, which is what checkpoints hold).
+    """
+
+    put_batch: Callable[[dict[str, np.ndarray]], Any]
+    train: Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+    eval: Callable[[Any, Any], dict[str, jax.Array]]
+    to_run: Callable[[TrainState], Any]
+    from_run: Callable[[Any], TrainState]
+
+
+def compile_jit(mesh: Mesh) -> Compiled:
+    """Data parallel jit: the batch is split along its first axis over the mesh's `data` axis and
+    the state is replicated; XLA inserts the gradient all-reduce. The state's buffers are donated."""
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    train = jax.jit(
+        steps.train_step,
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        steps.eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated
+    )
+
+    def put_batch(batch):
+        # Each process holds its own rows; together they form the global batch.
+        return {
+            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()
+        }
+
+    identity = lambda state: state  # noqa: E731
+    return Compiled(put_batch, train, evaluate, identity, identity)
+
+
+def compile_pmap() -> Compiled:
+    """The same pure steps under jax.pmap: one state copy per local device, gradients and metric sums
+    combined with psum over the `batch` axis."""
+    devices = jax.local_devices()
+    train = jax.pmap(
+        functools.partial(steps.train_step, axis_name=PMAP_AXIS),
+        axis_name=PMAP_AXIS,
+        in_axes=(0, 0, None),
+        donate_argnums=0,
+    )
+    evaluate = jax.pmap(functools.partial(steps.eval_step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS)
+
+    def put_batch(batch):
+        # [local_batch, ...] -> [local_devices, local_batch / local_devices, ...]
+        return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in batch.items()}
+
+    def first(tree):  # metrics were psum'd, so every device holds the same values
+        return jax.tree.map(lambda x: x[0], tree)
+
+    per_device = NamedSharding(Mesh(np.array(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+
+    def replicate(tree):  # one copy per local device, stacked on a new leading axis
+        return jax.tree.map(
+            lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), per_device),
+            tree,
+        )
+
+    def train_first(state, batch, rng):
+        state, sums = train(state, batch, rng)
+        return state, first(sums)
+
+    return Compiled(
+        put_batch,
+        train_first,
+        lambda state, batch: first(evaluate(state, batch)),
+        replicate,
+        first,
+    )
+
+
+def make_mesh() -> Mesh:
+    """A one-axis mesh named `data` over every device of every process."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def check_batch_size(config: ml_collections.ConfigDict) -> None:
+    """The global batch must split evenly over processes and devices."""
+    batch_size, num_devices = config.data.batch_size, jax.device_count()
+    if batch_size % num_devices:
+        raise ValueError(
+            f"data.batch_size={batch_size} does not divide over {num_devices} devices; "
+            f"set --config.data.batch_size to a multiple of {num_devices}."
+        )
+
+
+def check_model_fits_data(config: ml_collections.ConfigDict, state: TrainState, info) -> None:
+    """One-line errors for a model whose outputs cannot cover the data's classes or vocabulary."""
+    logits = jax.eval_shape(
+        lambda p: state.apply_fn({"params": p}, example_inputs(config), train=False), state.params
+    )
+    if info.is_language_model:
+        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
+            raise ValueError(
+                f"{config.data.dataset} is a language-model data set with {info.vocab_size} tokens, "
+                f"but the model's logits have shape {logits.shape}; use a per-step model with "
+                f"model.vocab_size >= {info.vocab_size}."
+            )
+    elif logits.ndim != 2 or logits.shape[-1] < info.num_classes:
+        raise ValueError(
+            f"{config.data.dataset} has {info.num_classes} classes, but the model's logits have "
+            f"shape {logits.shape}; use a classifier with {info.num_classes} outputs."
+        )
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Writes config.json; refuses a workdir that holds a run of a different model."""
+    path = workdir / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous["model"]["name"] != config.model.name:
+            raise ValueError(
+                f"{workdir} holds a run of model {previous['model']['name']!r}, not "
+                f"{config.model.name!r}; pass a different --workdir."
+            )
+    path.write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def saved_form(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+    """What a checkpoint holds: the state's arrays and the run's base key."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(rng),
+    }
+
+
+def evaluate(
+    compiled: Compiled, run_state: Any, config: ml_collections.ConfigDict
+) -> dict[str, float]:
+    """One pass over `config.data.eval_split`; returns `eval/loss` and `eval/accuracy`."""
+    total = None
+    batches = data.eval_batches(
+        config.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    for batch in batches:
+        total = metrics.accumulate(total, compiled.eval(run_state, compiled.put_batch(batch)))
+    return metrics.summarize(total, "eval")
+
+
+def write_samples(
+    config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
+) -> list[str]:
+    """Samples `train.sample_lines` texts from a language model; logs them and writes samples.txt."""
+    num_lines = config.train.sample_lines
+    prompt = jnp.asarray(np.tile(info.encode("\n")[:1], (num_lines, 1)), jnp.int32)
+    draw = jax.jit(
+        functools.partial(
+            sample.sample_tokens,
+            state.apply_fn,
+            length=config.train.sample_length,
+            context=config.data.seq_len,
+            temperature=config.train.sample_temperature,
+        )
+    )
+    tokens = np.asarray(jax.device_get(draw(state.params, prompt, rng)))
+    texts = [info.decode(row[1:]) for row in tokens]
+    if jax.process_index() == 0:
+        blocks = [f"--- sample {i} ---\n{text}\n" for i, text in enumerate(texts)]
+        (workdir / "samples.txt").write_text("".join(blocks))
+        for text in texts:
+            logging.info("Sample:\n%s", text)
+    return texts
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> tuple[TrainState, dict[str, float]]:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
+
+    Returns:
+      (the final train state, the scalars of the last report).
+    """
+    workdir = pathlib.Path(workdir)
+    is_chief = jax.process_index() == 0
+    check_batch_size(config)
+    if config.train.parallelism not in ("jit", "pmap"):
+        raise ValueError(
+            f"Unknown train.parallelism {config.train.parallelism!r}; use 'jit' or 'pmap'."
+        )
+    info = data.load_info(config.data)
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_config(config, workdir)
+
+    # Build: state replicated over the mesh; the base key is passed unchanged to every step.
+    mesh = make_mesh()
+    init_rng, step_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(functools.partial(create_train_state, config), out_shardings=replicated)(
+        init_rng
+    )
+    check_model_fits_data(config, state, info)
+    train_iter = data.train_iterator(
+        config.data,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    # Restore: newest complete checkpoint, onto this run's shapes and shardings.
+    manager = checkpoint.make_manager(
+        workdir / "checkpoints", keep=config.train.checkpoint_keep
+    )
+    start_step = 0
+    if manager.latest_step() is not None:
+        start_step = manager.latest_step()
+        target = checkpoint.abstract_like(saved_form(state, step_rng), replicated)
+        saved = checkpoint.restore(manager, start_step, target, train_iter)
+        state = state.replace(
+            step=saved["step"], params=saved["params"], opt_state=saved["opt_state"]
+        )
+        step_rng = jax.random.wrap_key_data(saved["rng"])
+        logging.info("Resumed from %s at step %d.", manager.directory, start_step)
+
+    compiled = compile_pmap() if config.train.parallelism == "pmap" else compile_jit(mesh)
+    _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
+    writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
+    run_state = compiled.to_run(state)
+    num_steps = config.train.num_steps
+    scalars: dict[str, float] = {}
+
+    # Step, log, evaluate, save.
+    progress = tqdm(
+        total=num_steps, initial=start_step, unit="step", disable=not is_chief, dynamic_ncols=True
+    )
+    sums, window_start, window_time = None, start_step + 1, time.perf_counter()
+    for step in range(start_step + 1, num_steps + 1):
+        batch = compiled.put_batch(next(train_iter))
+        run_state, step_sums = compiled.train(run_state, batch, step_rng)
+        sums = metrics.accumulate(sums, step_sums)  # stays on device until a report
+        progress.update()
+
+        is_last = step == num_steps
+        should_save = step % config.train.checkpoint_every == 0 or is_last
+        # A checkpoint step always reports first, so a non-finite loss is caught before it is saved.
+        if step % config.train.log_every == 0 or should_save:
+            scalars = metrics.summarize(sums, "train")
+            metrics.check_finite(scalars, window_start, step)
+            elapsed = time.perf_counter() - window_time
+            scalars["train/steps_per_second"] = (step - window_start + 1) / max(elapsed, 1e-9)
+            scalars["train/learning_rate"] = float(schedule(step - 1))
+            if step % config.train.eval_every == 0 or is_last:
+                scalars.update(evaluate(compiled, run_state, config))
+            if writer:
+                writer.write(step, scalars)
+            progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+            sums, window_start, window_time = None, step + 1, time.perf_counter()
+        if should_save:
+            state = compiled.from_run(run_state)
+            checkpoint.save(manager, step, saved_form(state, step_rng), train_iter)
+    progress.close()
+
+    state = compiled.from_run(run_state)
+    if start_step >= num_steps:
+        logging.info("%s already holds a finished run of %d steps.", workdir, num_steps)
+        scalars = evaluate(compiled, run_state, config)
+    manager.wait_until_finished()  # the last save must be on disk before we return
+    manager.close()
+    if writer:
+        writer.close()
+    if info.is_language_model and config.train.sample_lines > 0:
+        write_samples(config, state, info, sample_rng, workdir)
+    return state, scalars

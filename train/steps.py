@@ -1,0 +1,86 @@
+"""Pure train and eval steps. The caller compiles them (jax.jit over a mesh, or jax.pmap).
+
+A batch is a dict of arrays: `inputs`, `targets` and optionally `weights` (the shape of `targets`).
+One cross-entropy over the last axis of the logits serves classifiers (targets [batch]) and
+language models (targets [batch, seq_len]). Steps return sums and a count, never means, so that
+averages stay exact over uneven batches, padded eval batches and devices.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _weights(batch: Batch) -> jax.Array:
+    if "weights" in batch:
+        return batch["weights"].astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def _sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Metrics:
+    """Weighted sums of loss and correct predictions. logits [..., classes], targets [...]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets
+    )
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(losses * weights),
+        "correct_sum": jnp.sum(correct * weights),
+        "count": jnp.sum(weights),
+    }
+
+
+def train_step(
+    state: TrainState, batch: Batch, rng: jax.Array, *, axis_name: Any = None
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step on the mean loss over the (global) batch.
+
+    Args:
+      state: the current TrainState.
+      batch: `inputs` [batch, ...], `targets` [batch] or [batch, seq_len], optional `weights`.
+      rng: the run's base key; the step number is folded in here, so the loop passes the same key
+        every step and a resumed run draws the same dropout masks.
+      axis_name: set only under pmap/shard_map, where each device holds a slice of the batch and
+        gradients and metrics are summed across devices.
+
+    Returns:
+      (new state, metric sums: loss_sum, correct_sum, count).
+    """
+    rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    weights = _weights(batch)
+    # Divide by the global weight, not the local one, so pmap and jit optimise the same objective.
+    total = jnp.sum(weights)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    total = jnp.maximum(total, 1e-8)
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params}, batch["inputs"], train=True, rngs={"dropout": rng}
+        )
+        sums = _sums(logits, batch["targets"], weights)
+        return sums["loss_sum"] / total, sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.psum(grads, axis_name)
+        sums = jax.lax.psum(sums, axis_name)
+    return state.apply_gradients(grads=grads), sums
+
+
+def eval_step(state: TrainState, batch: Batch, *, axis_name: Any = None) -> Metrics:
+    """Metric sums of the model in eval mode (no dropout). Rows with weight 0 count for nothing."""
+    logits = state.apply_fn({"params": state.params}, batch["inputs"], train=False)
+    sums = _sums(logits, batch["targets"], _weights(batch))
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums

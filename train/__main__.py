@@ -4,6 +4,7 @@ Any config field can be overridden, e.g. --config.optimizer.learning_rate=3e-4.
 """
 
 import importlib.util
+import logging as std_logging
 import pathlib
 
 from absl import app, flags, logging
@@ -24,8 +25,18 @@ def default_workdir(config_arg: str) -> str:
     return str(pathlib.Path("runs") / (f"{name}-{variant}" if variant else name))
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO lines of orbax (dozens per checkpoint) and tfds; their warnings still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING:
+            return True
+        return not any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     # TensorFlow is not needed, but if it is installed it must not take GPU memory from JAX.
     if importlib.util.find_spec("tensorflow") is not None:
         import tensorflow as tf

@@ -4,8 +4,8 @@ Usage:
   python -m train --config=configs/transformer.py --workdir=runs/transformer
   python -m train --config=configs/transformer.py:tiny --config.train.num_steps=500
 
-The default is sized to train in well under an hour on a laptop CPU (about 3.2M parameters, 4096 tokens
-a step); on a GPU or TPU raise `model.width`, `model.num_layers`, `data.seq_len` and `data.batch_size`.
+The default is sized for a laptop CPU (about 3.2M parameters, 4096 tokens a step); on a GPU or
+TPU raise `model.width`, `model.num_layers`, `data.seq_len` and `data.batch_size`.
 """
 
 import ml_collections
@@ -17,7 +17,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "transformer"
-    config.model.vocab_size = 65  # characters of the training text; must be >= the data's vocabulary
+    config.model.vocab_size = (
+        65  # characters of the training text; must be >= the data's vocabulary
+    )
     config.model.num_layers = 4
     config.model.num_heads = 4
     config.model.width = 256

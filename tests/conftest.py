@@ -22,5 +22,8 @@ def data_dir() -> str:
     """The TFDS data directory holding the prepared ArrayRecord datasets."""
     path = os.environ.get("TFDS_DATA_DIR", "")
     if not pathlib.Path(path).is_dir():
-        pytest.fail(f"TFDS_DATA_DIR={path!r} is not a directory; point it at shared/data/tensorflow_datasets_array_record")
+        pytest.fail(
+            f"TFDS_DATA_DIR={path!r} is not a directory; point it at "
+            "shared/data/tensorflow_datasets_array_record"
+        )
     return path

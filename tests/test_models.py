@@ -21,6 +21,9 @@ SMALL_FIELDS = {
     ),
     "transformer": dict(vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12),
 }
+# Variants beyond SMALL_FIELDS: an LSTM over float features and the Transformer encoder classifier.
+FEATURE_LSTM_FIELDS = dict(num_layers=1, hidden_size=8, num_outputs=4)
+ENCODER_FIELDS = dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3)
 EXPECTED_SHAPES = {"mlp": (2, 3), "cnn": (2, 3), "lstm": (2, 3), "transformer": (2, 7, 16)}
 
 
@@ -151,7 +154,7 @@ PARAM_COUNTS = [
         id="lstm-tokens",
     ),
     pytest.param(
-        "lstm", dict(num_layers=1, hidden_size=H, num_outputs=4, per_step=True),
+        "lstm", dict(FEATURE_LSTM_FIELDS, per_step=True),
         jnp.zeros((1, 5, 3)),
         3 * 4 * H + H * 4 * H + 4 * H  # lstm_0 on 3 features
         + H * 4 + 4,  # logits
@@ -167,7 +170,7 @@ PARAM_COUNTS = [
         id="transformer-decoder",
     ),
     pytest.param(
-        "transformer", dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3),
+        "transformer", ENCODER_FIELDS,
         jnp.ones((1, 7), jnp.int32),
         16 * D + 12 * D + 2 * BLOCK + 2 * D  # as the decoder, without the LM head
         + D * 3 + 3,  # classifier
@@ -185,19 +188,9 @@ def test_param_count(name, fields, x, expected):
     "name, fields, x, expected",
     [
         ("lstm", dict(SMALL_FIELDS["lstm"], num_outputs=20, per_step=True), (2, 7), (2, 7, 20)),
-        ("lstm", dict(num_layers=1, hidden_size=H, num_outputs=4), (2, 5, 3), (2, 4)),
-        (
-            "lstm",
-            dict(num_layers=1, hidden_size=H, num_outputs=4, per_step=True),
-            (2, 5, 3),
-            (2, 5, 4),
-        ),
-        (
-            "transformer",
-            dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3),
-            (2, 7),
-            (2, 3),
-        ),
+        ("lstm", FEATURE_LSTM_FIELDS, (2, 5, 3), (2, 4)),
+        ("lstm", dict(FEATURE_LSTM_FIELDS, per_step=True), (2, 5, 3), (2, 5, 4)),
+        ("transformer", ENCODER_FIELDS, (2, 7), (2, 3)),
     ],
     ids=["lstm-lm", "lstm-features-classifier", "lstm-features-per-step", "transformer-encoder"],
 )
@@ -236,7 +229,7 @@ def test_transformer_decoder_is_causal(small):
 
 
 def test_transformer_encoder_ignores_padding():
-    model = build_model("transformer", **SMALL_FIELDS["transformer"], causal=False, num_classes=3)
+    model = build_model("transformer", **ENCODER_FIELDS)
     tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
     variables = {"params": init_params(model, tokens)}
     apply = apply_fn(model)

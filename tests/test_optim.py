@@ -39,8 +39,9 @@ def test_warmup_then_cosine_reaches_peak_and_end():
 
 def test_constant_schedule_after_warmup():
     schedule = optim.make_schedule(optimizer_config(schedule="constant"), num_steps=100)
-    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(99)],
-                               [0.0, 0.05, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(
+        [schedule(0), schedule(5), schedule(10), schedule(99)], [0.0, 0.05, 0.1, 0.1], rtol=1e-6
+    )
 
 
 def test_sgd_momentum_update_by_hand():
@@ -57,8 +58,9 @@ def test_sgd_momentum_update_by_hand():
 
 
 def test_gradient_clipping_bounds_the_global_norm():
-    config = optimizer_config(schedule="constant", warmup_steps=0, learning_rate=1.0, momentum=0.0,
-                              grad_clip_norm=1.0)
+    config = optimizer_config(
+        schedule="constant", warmup_steps=0, learning_rate=1.0, momentum=0.0, grad_clip_norm=1.0
+    )
     optimizer, _ = optim.make_optimizer(config, num_steps=10)
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
     grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}  # global norm 5
@@ -68,8 +70,9 @@ def test_gradient_clipping_bounds_the_global_norm():
 
 
 def test_adamw_first_step_and_decay():
-    config = optimizer_config(name="adamw", schedule="constant", warmup_steps=0,
-                              learning_rate=0.1, weight_decay=0.5)
+    config = optimizer_config(
+        name="adamw", schedule="constant", warmup_steps=0, learning_rate=0.1, weight_decay=0.5
+    )
     optimizer, _ = optim.make_optimizer(config, num_steps=10)
     params = {"w": jnp.array([2.0])}
     updates, _ = optimizer.update({"w": jnp.array([3.0])}, optimizer.init(params), params)
@@ -77,10 +80,13 @@ def test_adamw_first_step_and_decay():
     np.testing.assert_allclose(updates["w"], [-0.1 - 0.1 * 0.5 * 2.0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("name", "lion", "Unknown optimizer.name 'lion'"),
-    ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("name", "lion", "Unknown optimizer.name 'lion'"),
+        ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
+    ],
+)
 def test_unknown_names_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message) as error:
         optim.make_optimizer(optimizer_config(**{field: value}), num_steps=10)

@@ -20,8 +20,9 @@ def count_up(variables, tokens, train):
 
 def test_greedy_sampling_counts_up_past_the_context_window():
     prompt = jnp.array([[3], [5]], jnp.int32)
-    tokens = sample_tokens(count_up, {}, prompt, jax.random.key(0), length=12, context=4,
-                           temperature=0.0)
+    tokens = sample_tokens(
+        count_up, {}, prompt, jax.random.key(0), length=12, context=4, temperature=0.0
+    )
     expected = (np.array([[3], [5]]) + np.arange(13)) % VOCAB
     np.testing.assert_array_equal(tokens, expected)
 

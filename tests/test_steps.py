@@ -12,8 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train import TrainState, create_train_state, eval_step, train_step
-from train import data, loop, steps
+from train import TrainState, create_train_state, data, eval_step, loop, steps, train_step
 from train.config import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -54,9 +53,7 @@ def test_loss_falls_on_a_fixed_real_batch(name):
 
 def test_eval_step_matches_hand_computed_cross_entropy():
     # An identity "model": the inputs are the logits, so the expected sums can be written by hand.
-    state = TrainState.create(
-        apply_fn=lambda variables, x, train: x, params={}, tx=optax.sgd(0.0)
-    )
+    state = TrainState.create(apply_fn=lambda variables, x, train: x, params={}, tx=optax.sgd(0.0))
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]))
     batch = {
         "inputs": logits,
@@ -70,9 +67,7 @@ def test_eval_step_matches_hand_computed_cross_entropy():
 
 
 def test_language_model_targets_use_the_same_loss():
-    state = TrainState.create(
-        apply_fn=lambda variables, x, train: x, params={}, tx=optax.sgd(0.0)
-    )
+    state = TrainState.create(apply_fn=lambda variables, x, train: x, params={}, tx=optax.sgd(0.0))
     logits = jnp.log(jnp.full((2, 3, 4), 0.25))  # [batch, seq_len, vocab], uniform
     batch = {"inputs": logits, "targets": jnp.zeros((2, 3), jnp.int32)}
     sums = eval_step(state, batch)
@@ -99,7 +94,7 @@ def test_jit_and_pmap_give_the_same_losses_on_4_devices(name):
     assert jax.device_count() == 4
     config = load_config(CONFIGS / f"{name}.py:tiny")
     config.data.batch_size = 16
-    batches = list(zip(range(3), data.train_iterator(config.data, seed=0)))
+    batches = list(zip(range(3), data.train_iterator(config.data, seed=0), strict=False))
     rng = jax.random.key(3)
     state = create_train_state(config, jax.random.key(0))
 

@@ -1,6 +1,6 @@
 """Training for jaxmodels: a train state, pure step functions and the loop that runs them.
 
-    from train import create_train_state, train_step, eval_step
+from train import create_train_state, train_step, eval_step
 """
 
 from train.state import TrainState, create_train_state

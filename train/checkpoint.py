@@ -53,6 +53,4 @@ def restore(
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves carrying `sharding`: the target of a restore."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -26,8 +26,8 @@ PMAP_AXIS = "batch"
 class Compiled(NamedTuple):
     """The step functions compiled for one way of using the devices, and the conversions they need.
 
-    The loop keeps the state in the form `train` takes (`to_run` / `from_run` convert from and to the
-    canonical form: global arrays, replicated over the mesh, which is what checkpoints hold).
+    The loop keeps the state in the form `train` takes (`to_run` / `from_run` convert from and to
+    the canonical form: global arrays, replicated over the mesh, which is what checkpoints hold).
     """
 
     put_batch: Callable[[dict[str, np.ndarray]], Any]
@@ -39,7 +39,7 @@ class Compiled(NamedTuple):
 
 def compile_jit(mesh: Mesh) -> Compiled:
     """Data parallel jit: the batch is split along its first axis over the mesh's `data` axis and
-    the state is replicated; XLA inserts the gradient all-reduce. The state's buffers are donated."""
+    the state is replicated; XLA inserts the gradient all-reduce. The state is donated."""
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     train = jax.jit(
@@ -63,8 +63,8 @@ def compile_jit(mesh: Mesh) -> Compiled:
 
 
 def compile_pmap() -> Compiled:
-    """The same pure steps under jax.pmap: one state copy per local device, gradients and metric sums
-    combined with psum over the `batch` axis."""
+    """The same pure steps under jax.pmap: one state copy per local device, gradients and metric
+    sums combined with psum over the `batch` axis."""
     devices = jax.local_devices()
     train = jax.pmap(
         functools.partial(steps.train_step, axis_name=PMAP_AXIS),
@@ -72,7 +72,9 @@ def compile_pmap() -> Compiled:
         in_axes=(0, 0, None),
         donate_argnums=0,
     )
-    evaluate = jax.pmap(functools.partial(steps.eval_step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS)
+    evaluate = jax.pmap(
+        functools.partial(steps.eval_step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS
+    )
 
     def put_batch(batch):
         # [local_batch, ...] -> [local_devices, local_batch / local_devices, ...]
@@ -85,7 +87,9 @@ def compile_pmap() -> Compiled:
 
     def replicate(tree):  # one copy per local device, stacked on a new leading axis
         return jax.tree.map(
-            lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), per_device),
+            lambda x: jax.device_put(
+                jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), per_device
+            ),
             tree,
         )
 
@@ -125,7 +129,7 @@ def check_model_fits_data(config: ml_collections.ConfigDict, state: TrainState, 
     if info.is_language_model:
         if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
             raise ValueError(
-                f"{config.data.dataset} is a language-model data set with {info.vocab_size} tokens, "
+                f"{config.data.dataset} is a language-model data set of {info.vocab_size} tokens, "
                 f"but the model's logits have shape {logits.shape}; use a per-step model with "
                 f"model.vocab_size >= {info.vocab_size}."
             )
@@ -175,7 +179,7 @@ def evaluate(
 def write_samples(
     config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
 ) -> list[str]:
-    """Samples `train.sample_lines` texts from a language model; logs them and writes samples.txt."""
+    """Samples `train.sample_lines` texts from a language model; logs and writes samples.txt."""
     num_lines = config.train.sample_lines
     prompt = jnp.asarray(np.tile(info.encode("\n")[:1], (num_lines, 1)), jnp.int32)
     draw = jax.jit(
@@ -233,9 +237,7 @@ def train_and_evaluate(
     )
 
     # Restore: newest complete checkpoint, onto this run's shapes and shardings.
-    manager = checkpoint.make_manager(
-        workdir / "checkpoints", keep=config.train.checkpoint_keep
-    )
+    manager = checkpoint.make_manager(workdir / "checkpoints", keep=config.train.checkpoint_keep)
     start_step = 0
     if manager.latest_step() is not None:
         start_step = manager.latest_step()

@@ -6,7 +6,6 @@ import pathlib
 from typing import Any
 
 import jax
-import numpy as np
 
 Metrics = dict[str, Any]
 
@@ -19,7 +18,7 @@ def accumulate(total: Metrics | None, sums: Metrics) -> Metrics:
 
 
 def summarize(sums: Metrics, prefix: str) -> dict[str, float]:
-    """Pulls sums to the host once and turns them into averages: `{prefix}/loss`, `{prefix}/accuracy`."""
+    """Pulls sums to the host once and returns averages: `{prefix}/loss`, `{prefix}/accuracy`."""
     host = jax.device_get(sums)
     count = max(float(host["count"]), 1e-12)
     return {
@@ -29,7 +28,7 @@ def summarize(sums: Metrics, prefix: str) -> dict[str, float]:
 
 
 def check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
-    """Raises FloatingPointError naming the metric and the step window if any value is NaN or inf."""
+    """Raises FloatingPointError naming the metric and step window if any value is NaN or inf."""
     for name, value in scalars.items():
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -78,7 +77,3 @@ def read_metrics(path: pathlib.Path | str) -> list[dict[str, float]]:
     """The reports of a metrics.jsonl, in order."""
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
 
-
-def is_finite_tree(tree: Any) -> bool:
-    """True if every leaf of `tree` is finite (host-side check)."""
-    return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))

@@ -21,9 +21,7 @@ def make_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Sc
             decay_steps=max(num_steps, warmup + 1),
             end_value=config.end_learning_rate,
         )
-    raise ValueError(
-        f"Unknown optimizer.schedule {config.schedule!r}; use 'constant' or 'cosine'."
-    )
+    raise ValueError(f"Unknown optimizer.schedule {config.schedule!r}; use 'constant' or 'cosine'.")
 
 
 def make_optimizer(

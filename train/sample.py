@@ -17,7 +17,7 @@ def sample_tokens(
     context: int,
     temperature: float = 1.0,
 ) -> jax.Array:
-    """Draws `length` tokens after `prompt`, one at a time, re-running the model on a sliding window.
+    """Draws `length` tokens after `prompt`, one at a time, re-running the model on a window.
 
     Args:
       apply_fn: the model's `apply`; called as apply_fn({'params': params}, tokens, train=False) and

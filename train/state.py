@@ -10,8 +10,8 @@ from flax.training import train_state
 import jaxmodels
 from train import optim
 
-# Flax's TrainState holds `step`, `params`, `opt_state` as pytree leaves and `apply_fn`, `tx` as static
-# fields; `apply_gradients` returns a new state. None of our models keeps batch statistics.
+# Flax's TrainState holds `step`, `params`, `opt_state` as pytree leaves and `apply_fn`, `tx` as
+# static fields; `apply_gradients` returns a new state. None of our models keeps batch statistics.
 TrainState = train_state.TrainState
 
 

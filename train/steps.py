@@ -26,9 +26,7 @@ def _weights(batch: Batch) -> jax.Array:
 
 def _sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Metrics:
     """Weighted sums of loss and correct predictions. logits [..., classes], targets [...]."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets
-    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
         "loss_sum": jnp.sum(losses * weights),

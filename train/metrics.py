@@ -76,4 +76,3 @@ def truncate_after(path: pathlib.Path, step: int) -> None:
 def read_metrics(path: pathlib.Path | str) -> list[dict[str, float]]:
     """The reports of a metrics.jsonl, in order."""
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
-

@@ -101,22 +101,41 @@ def test_command_line_runs_with_overrides(tmp_path):
     assert "it/s" in result.stderr or "step/s" in result.stderr  # the progress bar
 
 
-def test_command_line_rejects_an_unknown_config_key(tmp_path):
+BAD_INPUT = [
+    # (arguments after --workdir, what the one-line message must say)
+    (
+        ["--config=configs/mlp.py:tiny", "--config.optimizer.learning_rat=0.1"],
+        "unknown config field 'learning_rat' Did you mean \"learning_rate\"",
+    ),
+    (
+        ["--config=configs/mlp.py:tiny", "--config.model.name=resnet"],
+        "Unknown model 'resnet'. Known: ['cnn', 'lstm', 'mlp', 'transformer']",
+    ),
+    (["--config=configs/mlp.py:huge"], "Unknown variant 'huge' of configs/mlp.py"),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    (
+        ["--config=configs/mlp.py:tiny", "--config.data.dataset=cifar10"],
+        "Data set 'cifar10' is not prepared in data dir",
+    ),
+    (
+        ["--config=configs/mlp.py:tiny", "--config.data.eval_split=valid"],
+        "Split 'valid' of data set 'mnist'",
+    ),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_INPUT)
+def test_command_line_bad_input_is_one_line_and_status_2(arguments, message, tmp_path):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            "--config=configs/mlp.py:tiny",
-            f"--workdir={tmp_path}",
-            "--config.optimizer.learning_rat=0.1",
-        ],
+        [sys.executable, "-m", "train", f"--workdir={tmp_path / 'run'}", *arguments],
         cwd=REPO,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "learning_rat" in result.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # bad input leaves no half-made run behind

@@ -1,11 +1,15 @@
 """Command line: python -m train --config=configs/transformer.py[:variant] [--workdir=DIR].
 
-Any config field can be overridden, e.g. --config.optimizer.learning_rate=3e-4.
+Any config field can be overridden, e.g. --config.optimizer.learning_rate=3e-4. Bad input (an
+unknown model, config field, variant or data set, a batch that does not divide over the devices)
+ends with one line on stderr and exit status 2; --verbosity=1 also logs the traceback.
 """
 
+import codecs
 import importlib.util
 import logging as std_logging
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,6 +20,38 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[-<variant>]).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+# What bad input raises: from config files and overrides, the model table, the data pipeline and
+# the loop's own checks.
+INPUT_ERRORS = (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, flags.Error)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line.
+
+    ml_collections wraps errors in config files in a message that holds their whole traceback (keep
+    its last line) and reports unknown fields as a repr'd KeyError message (undo the repr).
+    """
+    text = str(error.args[0]) if error.args else type(error).__name__
+    if "Traceback (most recent call last)" in text or "Failed loading config file" in text:
+        text = text.strip().splitlines()[-1]
+    if isinstance(error, AttributeError) and "Did you mean" in text:
+        text = "unknown config field " + codecs.decode(text[1:-1], "unicode_escape")
+    return " ".join(text.split())
+
+
+def fail(error: BaseException) -> None:
+    logging.debug("Traceback of the error below:", exc_info=error)
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but bad flags or configs end with one line and status 2."""
+    try:
+        return FLAGS(argv)
+    except INPUT_ERRORS as error:
+        fail(error)
 
 
 def default_workdir(config_arg: str) -> str:
@@ -44,11 +80,19 @@ def main(argv):
         tf.config.set_visible_devices([], "GPU")
     from train import loop  # imported after flag parsing: importing jax is slow
 
+    try:
+        config = FLAGS.config
+        config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
+    except (*INPUT_ERRORS, OSError) as error:
+        fail(error)
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info("Workdir: %s", workdir)
-    _, scalars = loop.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        _, scalars = loop.train_and_evaluate(config, workdir)
+    except INPUT_ERRORS as error:
+        fail(error)
     print(" ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -217,9 +217,7 @@ def train_and_evaluate(
             f"Unknown train.parallelism {config.train.parallelism!r}; use 'jit' or 'pmap'."
         )
     info = data.load_info(config.data)
-    if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_config(config, workdir)
+    data.eval_batches(config.data)  # a bad eval split fails now, not after training
 
     # Build: state replicated over the mesh; the base key is passed unchanged to every step.
     mesh = make_mesh()
@@ -229,6 +227,9 @@ def train_and_evaluate(
         init_rng
     )
     check_model_fits_data(config, state, info)
+    if is_chief:  # only once model and data are known to be good, so bad input leaves no trace
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_config(config, workdir)
     train_iter = data.train_iterator(
         config.data,
         seed=config.seed,

@@ -91,6 +91,9 @@ def main(argv):
         _, scalars = loop.train_and_evaluate(config, workdir)
     except INPUT_ERRORS as error:
         fail(error)
+    except FloatingPointError as error:  # a diverged run: the last good checkpoint is kept
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(1)
     print(" ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
 

@@ -1,4 +1,9 @@
-"""orbax checkpoints of the whole run: train state, base RNG and the grain iterator, in one step."""
+"""orbax checkpoints of the whole run: train state, base RNG and the grain iterator, in one step.
+
+orbax writes each step into a temporary folder and renames it when complete, so a crash during a
+save leaves the earlier steps as they were. A step that cannot be read is moved aside (never
+deleted) and the next older one is tried.
+"""
 
 import pathlib
 from typing import Any
@@ -6,20 +11,27 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def make_manager(directory: pathlib.Path, *, keep: int) -> ocp.CheckpointManager:
     """A CheckpointManager that saves asynchronously and keeps the newest `keep` steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,  # remove what a save cut short by a crash left behind
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
+    )
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: Any,
-    data_iterator: Any,
-) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any) -> None:
     """Starts an async save of `state` (a pytree of global arrays) and the data iterator's position.
 
     The iterator's state is written synchronously, here, so it matches `step` exactly; the arrays
@@ -49,6 +61,62 @@ def restore(
         ),
     )
     return restored["state"]
+
+
+def restore_newest(
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any
+) -> tuple[int, Any] | None:
+    """Restores the newest readable step; returns (step, state), or None if there is none.
+
+    Unreadable steps (truncated or missing files) are reported in one line each, moved aside to
+    `<step>.corrupt` and skipped. A readable step whose parameters have other shapes than
+    `abstract_state["params"]` belongs to another model: that is a ValueError, and nothing moves.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        check_shapes(manager, step, abstract_state["params"])
+        try:
+            return step, restore(manager, step, abstract_state, data_iterator)
+        except Exception as error:  # noqa: BLE001  orbax and tensorstore raise many error types
+            path = pathlib.Path(manager.directory) / str(step)
+            aside = path.with_name(f"{step}.corrupt")
+            path.rename(aside)
+            manager.reload()
+            logging.error(
+                "Checkpoint step %d is unreadable (%s); moved it to %s and trying an older step.",
+                step,
+                error_line(error),
+                aside,
+            )
+    return None
+
+
+def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
+    """Raises ValueError if step `step` holds parameters of other names or shapes."""
+    try:
+        saved = manager.item_metadata(step)["state"]["params"]
+    except Exception:  # noqa: BLE001  unreadable metadata: let the restore report it
+        return
+    wanted = _shapes(abstract_params)
+    found = _shapes(saved)
+    if wanted != found:
+        differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+        name = differ[0]
+        raise ValueError(
+            f"Checkpoint step {step} in {manager.directory} holds another model: parameter "
+            f"{name} has shape {found.get(name)} there and {wanted.get(name)} in this config "
+            f"({len(differ)} differ); use another --workdir or the config it was trained with."
+        )
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of an error, without the tensorstore spec that follows file errors."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].split(" [tensorstore_spec=")[0]
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -1,11 +1,14 @@
 """The training loop: build, restore, step, log, evaluate, save. `python -m train` calls
 `train_and_evaluate`; so can a notebook."""
 
+import contextlib
 import functools
 import json
 import pathlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -201,10 +205,71 @@ def write_samples(
     return texts
 
 
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[str]]:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+    Yields a list that receives the name of the first signal. A second SIGINT (Ctrl-C twice) stops
+    at once. Outside the main thread, where Python cannot take signals, nothing is installed.
+    """
+    received: list[str] = []
+
+    def request_stop(signum, frame):
+        del frame
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(received: list[str]) -> bool:
+    """True once any process got a stop signal: all processes must stop after the same step."""
+    if jax.process_count() == 1:
+        return bool(received)
+    flags = multihost_utils.process_allgather(np.array(bool(received)))  # a host sync per step
+    return bool(np.any(flags))
+
+
+def init_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array) -> TrainState:
+    """A fresh TrainState, created directly replicated over the mesh."""
+    create = jax.jit(
+        functools.partial(create_train_state, config), out_shardings=NamedSharding(mesh, P())
+    )
+    return create(rng)
+
+
+def restore_run(manager, state: TrainState, rng: jax.Array, train_iter, mesh: Mesh):
+    """Restores the newest readable checkpoint onto this run's shapes and shardings.
+
+    Returns (start step, state, base key); (0, state, rng) unchanged if there is no checkpoint.
+    `train_iter` is moved to the checkpoint's position in place.
+    """
+    target = checkpoint.abstract_like(saved_form(state, rng), NamedSharding(mesh, P()))
+    restored = checkpoint.restore_newest(manager, target, train_iter)
+    if restored is None:
+        return 0, state, rng
+    step, saved = restored
+    state = state.replace(step=saved["step"], params=saved["params"], opt_state=saved["opt_state"])
+    logging.info("Resumed from checkpoint step %d in %s.", step, manager.directory)
+    return step, state, jax.random.wrap_key_data(saved["rng"])
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
+
+    SIGTERM or SIGINT stops the run after the current step with a checkpoint; calling this again
+    with the same workdir resumes it.
 
     Returns:
       (the final train state, the scalars of the last report).
@@ -222,44 +287,84 @@ def train_and_evaluate(
     # Build: state replicated over the mesh; the base key is passed unchanged to every step.
     mesh = make_mesh()
     init_rng, step_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-    replicated = NamedSharding(mesh, P())
-    state = jax.jit(functools.partial(create_train_state, config), out_shardings=replicated)(
-        init_rng
-    )
+    state = init_state(config, mesh, init_rng)
     check_model_fits_data(config, state, info)
     if is_chief:  # only once model and data are known to be good, so bad input leaves no trace
         workdir.mkdir(parents=True, exist_ok=True)
         write_config(config, workdir)
-    train_iter = data.train_iterator(
-        config.data,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
 
-    # Restore: newest complete checkpoint, onto this run's shapes and shardings.
-    manager = checkpoint.make_manager(workdir / "checkpoints", keep=config.train.checkpoint_keep)
-    start_step = 0
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
-        target = checkpoint.abstract_like(saved_form(state, step_rng), replicated)
-        saved = checkpoint.restore(manager, start_step, target, train_iter)
-        state = state.replace(
-            step=saved["step"], params=saved["params"], opt_state=saved["opt_state"]
+    def new_train_iterator():
+        return data.train_iterator(
+            config.data,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
-        step_rng = jax.random.wrap_key_data(saved["rng"])
-        logging.info("Resumed from %s at step %d.", manager.directory, start_step)
+
+    # Restore: the newest readable checkpoint, the data iterator's position included.
+    manager = checkpoint.make_manager(workdir / "checkpoints", keep=config.train.checkpoint_keep)
+    train_iter = new_train_iterator()
+    start_step, state, step_rng = restore_run(manager, state, step_rng, train_iter, mesh)
+    if start_step == 0:
+        train_iter = new_train_iterator()  # a failed restore may have moved it
 
     compiled = compile_pmap() if config.train.parallelism == "pmap" else compile_jit(mesh)
-    _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
     writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
-    run_state = compiled.to_run(state)
-    num_steps = config.train.num_steps
-    scalars: dict[str, float] = {}
+    try:
+        with stop_signals() as received:
+            state, scalars, last_step = run_steps(
+                config,
+                compiled,
+                state,
+                train_iter,
+                step_rng,
+                manager,
+                writer,
+                start_step,
+                lambda: stop_requested(received),
+            )
+        if last_step < config.train.num_steps:
+            manager.wait_until_finished()
+            logging.warning(
+                "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to "
+                "resume.",
+                received[0],
+                last_step,
+                manager.directory,
+            )
+            return state, scalars
+        if start_step >= config.train.num_steps:
+            logging.info("%s already holds a finished run of %d steps.", workdir, last_step)
+            scalars = evaluate(compiled, compiled.to_run(state), config)
+    finally:
+        manager.wait_until_finished()  # a save in flight must reach the disk, even on an error
+        manager.close()
+        if writer:
+            writer.close()
+    if info.is_language_model and config.train.sample_lines > 0:
+        write_samples(config, state, info, sample_rng, workdir)
+    return state, scalars
 
-    # Step, log, evaluate, save.
+
+def run_steps(
+    config, compiled, state, train_iter, step_rng, manager, writer, start_step, should_stop
+) -> tuple[TrainState, dict[str, float], int]:
+    """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
+
+    Returns (state, scalars of the last report, the last step run). Stops early, with a
+    checkpoint, once `should_stop()` is true.
+    """
+    _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
+    num_steps = config.train.num_steps
+    run_state = compiled.to_run(state)
+    scalars: dict[str, float] = {}
+    step = start_step
     progress = tqdm(
-        total=num_steps, initial=start_step, unit="step", disable=not is_chief, dynamic_ncols=True
+        total=num_steps,
+        initial=start_step,
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
     )
     sums, window_start, window_time = None, start_step + 1, time.perf_counter()
     for step in range(start_step + 1, num_steps + 1):
@@ -269,7 +374,8 @@ def train_and_evaluate(
         progress.update()
 
         is_last = step == num_steps
-        should_save = step % config.train.checkpoint_every == 0 or is_last
+        stop = should_stop()
+        should_save = step % config.train.checkpoint_every == 0 or is_last or stop
         # A checkpoint step always reports first, so a non-finite loss is caught before it is saved.
         if step % config.train.log_every == 0 or should_save:
             scalars = metrics.summarize(sums, "train")
@@ -284,18 +390,9 @@ def train_and_evaluate(
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
             sums, window_start, window_time = None, step + 1, time.perf_counter()
         if should_save:
-            state = compiled.from_run(run_state)
-            checkpoint.save(manager, step, saved_form(state, step_rng), train_iter)
+            saved_state = compiled.from_run(run_state)
+            checkpoint.save(manager, step, saved_form(saved_state, step_rng), train_iter)
+        if stop:
+            break
     progress.close()
-
-    state = compiled.from_run(run_state)
-    if start_step >= num_steps:
-        logging.info("%s already holds a finished run of %d steps.", workdir, num_steps)
-        scalars = evaluate(compiled, run_state, config)
-    manager.wait_until_finished()  # the last save must be on disk before we return
-    manager.close()
-    if writer:
-        writer.close()
-    if info.is_language_model and config.train.sample_lines > 0:
-        write_samples(config, state, info, sample_rng, workdir)
-    return state, scalars
+    return compiled.from_run(run_state), scalars, step

@@ -21,22 +21,20 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[-<va
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
-# What bad input raises: from config files and overrides, the model table, the data pipeline and
-# the loop's own checks.
-INPUT_ERRORS = (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError, flags.Error)
+# What bad input raises: the model table, the data pipeline and the loop's own checks. (Config
+# files and overrides are checked while flags are parsed, in `parse_flags`.)
+INPUT_ERRORS = (KeyError, TypeError, ValueError, FileNotFoundError)
 
 
 def one_line(error: BaseException) -> str:
     """The message of `error` on one line.
 
     ml_collections wraps errors in config files in a message that holds their whole traceback (keep
-    its last line) and reports unknown fields as a repr'd KeyError message (undo the repr).
+    its last line).
     """
     text = str(error.args[0]) if error.args else type(error).__name__
     if "Traceback (most recent call last)" in text or "Failed loading config file" in text:
         text = text.strip().splitlines()[-1]
-    if isinstance(error, AttributeError) and "Did you mean" in text:
-        text = "unknown config field " + codecs.decode(text[1:-1], "unicode_escape")
     return " ".join(text.split())
 
 
@@ -50,7 +48,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but bad flags or configs end with one line and status 2."""
     try:
         return FLAGS(argv)
-    except INPUT_ERRORS as error:
+    except AttributeError as error:
+        # An override of a field the config lacks. ml_collections gives the repr of a KeyError's
+        # message, with a "Did you mean" line when a field is close: undo the repr.
+        text = str(error.args[0]) if error.args else ""
+        if text[:1] in "'\"" and text[-1:] == text[:1]:
+            text = codecs.decode(text[1:-1], "unicode_escape")
+        fail(AttributeError(f"unknown config field {text}"))
+    except (*INPUT_ERRORS, OSError, flags.Error) as error:
         fail(error)
 
 
@@ -83,7 +88,7 @@ def main(argv):
     try:
         config = FLAGS.config
         config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
-    except (*INPUT_ERRORS, OSError) as error:
+    except (*INPUT_ERRORS, OSError, flags.Error) as error:
         fail(error)
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info("Workdir: %s", workdir)

@@ -114,7 +114,9 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def error_line(error: BaseException) -> str:
-    """The first line of an error, without the tensorstore spec that follows file errors."""
+    """One line for a failed restore: the root cause (tensorstore's names the array and file)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return lines[0].split(" [tensorstore_spec=")[0]
 

@@ -1,0 +1,233 @@
+"""Runs that survive: SIGTERM and resume, SIGKILL during a save, other device counts, damaged
+checkpoints, non-finite losses. All on the real tiny MLP config and MNIST."""
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from train import loop, metrics
+from train.config import load_config
+from train.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 40
+EPOCH_STEPS = 16  # train[:1024] at batch 64
+
+
+def short_config():
+    """The tiny MLP on 1024 images: 16 steps an epoch, a report every step, dropout on."""
+    config = load_config(REPO / "configs" / "mlp.py:tiny")
+    config.data.train_split = "train[:1024]"
+    config.data.eval_split = "test[:256]"
+    config.model.dropout_rate = 0.1  # resumed runs must draw the same dropout masks too
+    config.train.num_steps = NUM_STEPS
+    config.train.log_every = 1
+    config.train.eval_every = 20
+    config.train.checkpoint_every = 10
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: final parameters and every step's loss."""
+    workdir = tmp_path_factory.mktemp("reference")
+    state, _ = loop.train_and_evaluate(short_config(), workdir)
+    return jax.device_get(state.params), read_metrics(workdir / "metrics.jsonl")
+
+
+def assert_same_run(reference, params, reports):
+    reference_params, reference_reports = reference
+    chex.assert_trees_all_equal(reference_params, jax.device_get(params))
+    assert [r["step"] for r in reports] == list(range(1, NUM_STEPS + 1))  # none doubled or lost
+    for want, got in zip(reference_reports, reports, strict=True):
+        assert want["train/loss"] == got["train/loss"], (want, got)
+
+
+@pytest.mark.parametrize("stop_at", [5, EPOCH_STEPS, 23])  # mid-epoch, epoch end, second epoch
+def test_sigterm_then_resume_is_bitwise_equal(stop_at, reference, tmp_path, monkeypatch):
+    check_finite = metrics.check_finite
+
+    def check_then_signal(scalars, first_step, last_step):  # the host side of each step's report
+        if last_step == stop_at - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the loop sees it after one step
+        return check_finite(scalars, first_step, last_step)
+
+    monkeypatch.setattr(metrics, "check_finite", check_then_signal)
+    stopped, _ = loop.train_and_evaluate(short_config(), tmp_path)
+    assert int(stopped.step) == stop_at
+    assert str(stop_at) in {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    monkeypatch.setattr(metrics, "check_finite", check_finite)
+
+    resumed, _ = loop.train_and_evaluate(short_config(), tmp_path)
+    assert int(resumed.step) == NUM_STEPS
+    assert_same_run(reference, resumed.params, read_metrics(tmp_path / "metrics.jsonl"))
+
+
+def cli(workdir, *overrides, env=None, **kwargs):
+    arguments = [
+        sys.executable, "-m", "train", "--config=configs/mlp.py:tiny", f"--workdir={workdir}",
+        "--config.data.train_split=train[:1024]", "--config.data.eval_split=test[:256]",
+        "--config.model.dropout_rate=0.1", f"--config.train.num_steps={NUM_STEPS}",
+        "--config.train.log_every=1", "--config.train.eval_every=20",
+        "--config.train.checkpoint_every=10", *overrides,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        arguments, cwd=REPO, env=env or dict(os.environ), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+    )  # fmt: skip
+
+
+def wait_for_reports(workdir, count, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    path = workdir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    pytest.fail(f"no {count} reports in {timeout} s")
+
+
+def test_sigterm_on_the_command_line_exits_0_and_the_same_command_resumes(reference, tmp_path):
+    process = cli(tmp_path)
+    wait_for_reports(tmp_path, 12, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    (message,) = [line for line in stderr.splitlines() if "Stopped by SIGTERM" in line]
+    stopped_at = int(message.split("after step ")[1].split(";")[0])
+    assert 12 <= stopped_at < NUM_STEPS
+    assert str(stopped_at) in {p.name for p in (tmp_path / "checkpoints").iterdir()}
+
+    process = cli(tmp_path)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr[-2000:]
+    assert f"Resumed from checkpoint step {stopped_at}" in stderr
+    reports = read_metrics(tmp_path / "metrics.jsonl")
+    state, _ = loop.train_and_evaluate(short_config(), tmp_path)  # finished: only restores
+    assert_same_run(reference, state.params, reports)
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(tmp_path):
+    # A checkpoint every step keeps a save in flight almost all the time.
+    for _ in range(5):
+        workdir = tmp_path / f"try{_}"
+        process = cli(workdir, "--config.train.checkpoint_every=1", "--config.train.num_steps=400")
+        wait_for_reports(workdir, 20, process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill while a step's temporary folder exists
+            if any("tmp" in p.name for p in (workdir / "checkpoints").iterdir()):
+                process.kill()
+                break
+        process.communicate()
+        in_flight = [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+        if in_flight:
+            break
+    assert in_flight, "never caught a save in flight"
+    complete = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+    process = cli(workdir, "--config.train.num_steps=400")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert f"Resumed from checkpoint step {complete}" in stderr
+    assert "Traceback" not in stderr
+    steps = [r["step"] for r in read_metrics(workdir / "metrics.jsonl")]
+    assert steps == list(range(1, 401))
+
+
+RESTORE_AND_DUMP = textwrap.dedent(
+    """
+    import sys, jax, numpy as np
+    from train import loop
+    from train.config import load_config
+    sys.path.insert(0, "tests")
+    from test_resume import short_config
+    assert jax.device_count() == int(sys.argv[2]), jax.devices()
+    state, _ = loop.train_and_evaluate(short_config(), sys.argv[1])
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    np.savez(sys.argv[3], **{jax.tree_util.keystr(p): x for p, x in leaves})
+    """
+)
+
+
+def run_with_devices(num_devices, workdir, dump):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORE_AND_DUMP, str(workdir), str(num_devices), str(dump)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(dump) as saved:
+        return dict(saved)
+
+
+def flat_params(params):
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def test_checkpoint_moves_between_4_devices_and_1(tmp_path):
+    assert jax.device_count() == 4
+    # Saved on 4 devices (this process), restored on 1.
+    state, _ = loop.train_and_evaluate(short_config(), tmp_path / "four")
+    on_one = run_with_devices(1, tmp_path / "four", tmp_path / "one.npz")
+    chex.assert_trees_all_equal(flat_params(state.params), on_one)
+    # Saved on 1 device (a subprocess trains there), restored on 4.
+    trained_on_one = run_with_devices(1, tmp_path / "one", tmp_path / "trained.npz")
+    restored, _ = loop.train_and_evaluate(short_config(), tmp_path / "one")
+    chex.assert_trees_all_equal(trained_on_one, flat_params(restored.params))
+
+
+def test_unreadable_checkpoint_is_reported_and_the_previous_step_used(reference, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    loop.train_and_evaluate(short_config(), tmp_path)
+    newest = tmp_path / "checkpoints" / str(NUM_STEPS)
+    damaged = max((newest / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated, as by a full disk
+
+    state, _ = loop.train_and_evaluate(short_config(), tmp_path)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert f"Checkpoint step {NUM_STEPS} is unreadable" in errors[0]
+    assert f'local file "{newest / "state"}/"' in errors[0]  # names the file
+    assert (tmp_path / "checkpoints" / f"{NUM_STEPS}.corrupt").is_dir()  # kept, moved aside
+    assert any("Resumed from checkpoint step 30" in r.getMessage() for r in caplog.records)
+    assert_same_run(reference, state.params, read_metrics(tmp_path / "metrics.jsonl"))
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+    loop.train_and_evaluate(short_config(), tmp_path)
+    wider = short_config()
+    wider.model.hidden_sizes = (64,)
+    with pytest.raises(ValueError, match="holds another model") as error:
+        loop.train_and_evaluate(wider, tmp_path)
+    assert "\n" not in str(error.value)
+    assert str(NUM_STEPS) in {p.name for p in (tmp_path / "checkpoints").iterdir()}
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = short_config()
+    config.optimizer.learning_rate = 1e30  # step 1 has rate 0 (warmup); then it blows up
+    config.optimizer.warmup_steps = 40
+    config.optimizer.momentum = 0.0
+    config.train.checkpoint_every = 2
+    config.train.log_every = 2
+    with pytest.raises(FloatingPointError, match=r"train/loss is nan in steps \d+-\d+") as error:
+        loop.train_and_evaluate(config, tmp_path)
+    first_bad = int(str(error.value).split("in steps ")[1].split("-")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == first_bad - 1  # every step before the bad window is kept
+    reports = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(np.isfinite(r["train/loss"]) for r in reports)
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 1e30

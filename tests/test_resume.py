@@ -231,3 +231,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     reports = read_metrics(tmp_path / "metrics.jsonl")
     assert all(np.isfinite(r["train/loss"]) for r in reports)
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 1e30
+
+
+def test_only_the_newest_checkpoint_keep_steps_stay(tmp_path):
+    config = short_config()
+    config.train.log_every = 10
+    config.train.checkpoint_every = 5
+    config.train.checkpoint_keep = 2
+    loop.train_and_evaluate(config, tmp_path)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [NUM_STEPS - 5, NUM_STEPS]

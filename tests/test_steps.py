@@ -6,10 +6,10 @@ import pathlib
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train import TrainState, create_train_state, data, eval_step, loop, steps, train_step
@@ -89,30 +89,94 @@ def test_dropout_key_depends_on_step_only():
     assert float(a["loss_sum"]) != float(c["loss_sum"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "transformer"])
-def test_jit_and_pmap_give_the_same_losses_on_4_devices(name):
+def run_losses(config, mode: str, num_devices: int, num_steps: int = 4):
+    """Per-step losses of `config` on the first `num_devices` devices, compiled as `mode`:
+    'dp' (jit, replicated state), 'fsdp' (jit, state sharded over all devices) or 'pmap'."""
+    devices = jax.devices()[:num_devices]
+    fsdp = num_devices if mode == "fsdp" else 1
+    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    state, shardings = loop.init_state(config, mesh, jax.random.key(0))
+    if mode == "pmap":
+        compiled = loop.compile_pmap(devices)
+    else:
+        compiled = loop.compile_jit(mesh, shardings)
+    run_state, losses = compiled.to_run(state), []
+    iterator = data.train_iterator(config.data, seed=0)
+    for _ in range(num_steps):
+        batch = compiled.put_batch(next(iterator))
+        run_state, sums = compiled.train(run_state, batch, jax.random.key(3))
+        losses.append(float(sums["loss_sum"] / sums["count"]))
+    return losses, jax.device_get(compiled.from_run(run_state).params)
+
+
+# Every way to run the tiny MLP, and the Transformer (FSDP's target) on the layouts that differ most.
+LAYOUTS = {
+    "mlp": [(mode, n) for mode in ("dp", "fsdp", "pmap") for n in (1, 2, 4)],
+    "transformer": [("dp", 4), ("fsdp", 2), ("fsdp", 4), ("pmap", 4)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_same_losses_on_1_2_and_4_devices_for_dp_fsdp_and_pmap(name):
     assert jax.device_count() == 4
     config = load_config(CONFIGS / f"{name}.py:tiny")
     config.data.batch_size = 16
-    batches = list(zip(range(3), data.train_iterator(config.data, seed=0), strict=False))
-    rng = jax.random.key(3)
-    state = create_train_state(config, jax.random.key(0))
+    reference, reference_params = run_losses(config, "dp", 1)
+    assert reference[-1] < reference[0]  # the steps do train
+    for mode, num_devices in LAYOUTS[name]:
+        losses, params = run_losses(config, mode, num_devices)
+        np.testing.assert_allclose(losses, reference, rtol=1e-6, err_msg=f"{mode} x {num_devices}")
+        # Adam turns round-off in near-zero gradients into lr-sized moves: compare to 1e-4
+        # (a wrong update moves by about the learning rate, 3e-3).
+        chex.assert_trees_all_close(params, reference_params, rtol=1e-5, atol=1e-4)
 
-    jit = loop.compile_jit(loop.make_mesh())
-    jit_state = jax.device_put(state, NamedSharding(loop.make_mesh(), P()))
-    pmap = loop.compile_pmap()
-    pmap_state = pmap.to_run(state)
-    jit_losses, pmap_losses = [], []
-    for _, batch in batches:
-        jit_state, jit_sums = jit.train(jit_state, jit.put_batch(batch), rng)
-        pmap_state, pmap_sums = pmap.train(pmap_state, pmap.put_batch(batch), rng)
-        jit_losses.append(float(jit_sums["loss_sum"] / jit_sums["count"]))
-        pmap_losses.append(float(pmap_sums["loss_sum"] / pmap_sums["count"]))
-    np.testing.assert_allclose(jit_losses, pmap_losses, rtol=1e-6)
-    assert jit_losses[-1] < jit_losses[0]  # the steps did train
-    chex.assert_trees_all_close(
-        jit_state.params, pmap.from_run(pmap_state).params, rtol=1e-5, atol=1e-6
-    )
+
+def test_fsdp_shards_parameters_and_optimizer_state():
+    config = load_config(CONFIGS / "transformer.py:tiny")
+    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))
+    state, _ = loop.init_state(config, mesh, jax.random.key(0))
+    kernel = state.params["lm_head"]["kernel"]  # [width 64, vocab 65]: 64 divides by 4
+    assert kernel.sharding.spec == P("fsdp", None)
+    assert kernel.addressable_shards[0].data.shape == (16, 65)
+    adam_mu = state.opt_state[1][0].mu["lm_head"]["kernel"]  # clip, then adamw's first moment
+    assert adam_mu.sharding.spec == P("fsdp", None)
+    assert state.params["lm_head"]["bias"].sharding.spec == P()  # 65 does not divide by 4
+
+
+def test_make_mesh_fills_in_minus_one_and_rejects_a_bad_product():
+    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1}))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
+    with pytest.raises(ValueError, match="does not cover the 4 devices"):
+        loop.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1}))
+
+
+def test_gradient_accumulation_4_x_8_equals_a_batch_of_32():
+    config = load_config(CONFIGS / "transformer.py:tiny")
+    config.data.batch_size = 32
+    config.optimizer.name = "sgd"  # Adam's first steps hide gradient differences: use SGD
+    config.optimizer.warmup_steps = 0
+    state = create_train_state(config, jax.random.key(0))
+    whole = jax.jit(train_step)
+    accumulated = jax.jit(functools.partial(train_step, grad_accum_steps=4))
+    iterator = data.train_iterator(config.data, seed=0)
+    whole_state, accum_state = state, state
+    for _ in range(3):
+        batch = next(iterator)
+        whole_state, whole_sums = whole(whole_state, batch, jax.random.key(1))
+        accum_state, accum_sums = accumulated(accum_state, batch, jax.random.key(1))
+        np.testing.assert_allclose(accum_sums["loss_sum"], whole_sums["loss_sum"], rtol=1e-6)
+        assert float(accum_sums["count"]) == float(whole_sums["count"]) == 32 * 64
+    chex.assert_trees_all_close(accum_state.params, whole_state.params, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), whole_state.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the comparison is not between unchanged params
+
+
+def test_grad_accum_steps_must_divide_the_batch():
+    config = load_config(CONFIGS / "mlp.py:tiny")
+    state = create_train_state(config, jax.random.key(0))
+    batch = next(data.train_iterator(config.data, seed=0))  # 64 examples
+    with pytest.raises(ValueError, match="does not split into 5 micro-batches"):
+        jax.jit(functools.partial(train_step, grad_accum_steps=5))(state, batch, jax.random.key(1))
 
 
 def test_train_step_traces_once():
@@ -134,11 +198,9 @@ def test_the_loop_compiles_each_step_once(monkeypatch):
     # compile_jit looks steps.train_step up when called: count its traces through the real path,
     # so a sharding mismatch between the initial and the returned state would show as a retrace.
     monkeypatch.setattr(steps, "train_step", chex.assert_max_traces(steps.train_step, n=1))
-    compiled = loop.compile_jit(loop.make_mesh())
-    state = jax.jit(
-        functools.partial(create_train_state, config),
-        out_shardings=NamedSharding(loop.make_mesh(), P()),
-    )(jax.random.key(0))
+    mesh = loop.make_mesh()
+    state, shardings = loop.init_state(config, mesh, jax.random.key(0))
+    compiled = loop.compile_jit(mesh, shardings)
     iterator = data.train_iterator(config.data, seed=0)
     for _ in range(3):
         state, _ = compiled.train(state, compiled.put_batch(next(iterator)), jax.random.key(0))

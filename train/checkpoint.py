@@ -121,6 +121,7 @@ def error_line(error: BaseException) -> str:
     return lines[0].split(" [tensorstore_spec=")[0]
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """ShapeDtypeStructs of `tree`'s leaves carrying `sharding`: the target of a restore."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s arrays with their shardings: the target of a restore, so
+    a checkpoint comes back laid out as this run wants it, whatever wrote it."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

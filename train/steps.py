@@ -36,7 +36,12 @@ def _sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Metrics:
 
 
 def train_step(
-    state: TrainState, batch: Batch, rng: jax.Array, *, axis_name: Any = None
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    axis_name: Any = None,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on the mean loss over the (global) batch.
 
@@ -47,6 +52,9 @@ def train_step(
         every step and a resumed run draws the same dropout masks.
       axis_name: set only under pmap/shard_map, where each device holds a slice of the batch and
         gradients and metrics are summed across devices.
+      grad_accum_steps: split the batch into this many micro-batches, run them one after another
+        and sum their gradients: the same update as the whole batch, with a fraction of the
+        activation memory.
 
     Returns:
       (new state, metric sums: loss_sum, correct_sum, count).
@@ -55,24 +63,61 @@ def train_step(
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     weights = _weights(batch)
-    # Divide by the global weight, not the local one, so pmap and jit optimise the same objective.
+    # Divide by the global weight, not the local one, so pmap and jit optimise the same objective
+    # and micro-batches add up to the whole batch's mean.
     total = jnp.sum(weights)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     total = jnp.maximum(total, 1e-8)
 
-    def loss_fn(params):
-        logits = state.apply_fn(
-            {"params": params}, batch["inputs"], train=True, rngs={"dropout": rng}
-        )
-        sums = _sums(logits, batch["targets"], weights)
-        return sums["loss_sum"] / total, sums
+    def grads_and_sums(params, micro_batch, micro_weights, micro_rng):
+        def loss_fn(params):
+            logits = state.apply_fn(
+                {"params": params}, micro_batch["inputs"], train=True, rngs={"dropout": micro_rng}
+            )
+            sums = _sums(logits, micro_batch["targets"], micro_weights)
+            return sums["loss_sum"] / total, sums
 
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    if grad_accum_steps == 1:
+        grads, sums = grads_and_sums(state.params, batch, weights, rng)
+    else:
+        micro_batches = _split(dict(batch, weights=weights), grad_accum_steps)
+
+        def accumulate(carry, index_and_micro_batch):
+            index, micro_batch = index_and_micro_batch
+            grads, sums = grads_and_sums(
+                state.params, micro_batch, micro_batch["weights"], jax.random.fold_in(rng, index)
+            )
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
+        (grads, sums), _ = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches)
+        )
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         sums = jax.lax.psum(sums, axis_name)
     return state.apply_gradients(grads=grads), sums
+
+
+def _split(batch: Batch, num_micro_batches: int) -> Batch:
+    """[batch, ...] -> [num_micro_batches, batch / num_micro_batches, ...], rows taken strided.
+
+    Micro-batch i holds rows i, i + n, i + 2n, ...: with the batch split over devices along its
+    first axis, every micro-batch then has rows on every device.
+    """
+    size = batch["targets"].shape[0]
+    if size % num_micro_batches:
+        raise ValueError(
+            f"A batch of {size} examples does not split into {num_micro_batches} micro-batches; "
+            "make train.grad_accum_steps divide the per-device batch."
+        )
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(-1, num_micro_batches, *x.shape[1:]), 0, 1), batch
+    )
 
 
 def eval_step(state: TrainState, batch: Batch, *, axis_name: Any = None) -> Metrics:

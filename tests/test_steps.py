@@ -109,7 +109,7 @@ def run_losses(config, mode: str, num_devices: int, num_steps: int = 4):
     return losses, jax.device_get(compiled.from_run(run_state).params)
 
 
-# Every way to run the tiny MLP, and the Transformer (FSDP's target) on the layouts that differ most.
+# Every way to run the tiny MLP; the Transformer (FSDP's target) on the layouts that differ most.
 LAYOUTS = {
     "mlp": [(mode, n) for mode in ("dp", "fsdp", "pmap") for n in (1, 2, 4)],
     "transformer": [("dp", 4), ("fsdp", 2), ("fsdp", 4), ("pmap", 4)],
@@ -125,7 +125,8 @@ def test_same_losses_on_1_2_and_4_devices_for_dp_fsdp_and_pmap(name):
     assert reference[-1] < reference[0]  # the steps do train
     for mode, num_devices in LAYOUTS[name]:
         losses, params = run_losses(config, mode, num_devices)
-        np.testing.assert_allclose(losses, reference, rtol=1e-6, err_msg=f"{mode} x {num_devices}")
+        message = f"{mode} on {num_devices} devices"
+        np.testing.assert_allclose(losses, reference, rtol=1e-6, err_msg=message)
         # Adam turns round-off in near-zero gradients into lr-sized moves: compare to 1e-4
         # (a wrong update moves by about the learning rate, 3e-3).
         chex.assert_trees_all_close(params, reference_params, rtol=1e-5, atol=1e-4)

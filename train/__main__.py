@@ -8,8 +8,10 @@ ends with one line on stderr and exit status 2; --verbosity=1 also logs the trac
 import codecs
 import importlib.util
 import logging as std_logging
+import os
 import pathlib
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +20,14 @@ config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/cnn.py:tiny", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[-<variant>]).")
+flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0, the same everywhere."
+)
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..num_processes-1.")
+flags.DEFINE_integer(
+    "startup_timeout", 300, "Seconds to wait for every process to join a multi-process run."
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -75,6 +85,55 @@ class _QuietLibraries(std_logging.Filter):
         return not any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
 
 
+def start_distributed() -> None:
+    """Joins a multi-process run: from the flags, or, on a TPU pod slice, by JAX's own discovery.
+
+    Must run before JAX touches a device. A process that cannot gather all the others within
+    --startup_timeout seconds fails with one line saying which, and exit status 2."""
+    import jax
+
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if all(value is None for value in explicit):
+        # A TPU pod slice lists its hosts; JAX finds the coordinator and its own id there.
+        if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+            jax.distributed.initialize(initialization_timeout=FLAGS.startup_timeout)
+        return
+    if any(value is None for value in explicit):
+        raise ValueError(
+            "Multi-process runs need all of --coordinator_address, --num_processes and "
+            "--process_id."
+        )
+    # JAX aborts the whole process (a C++ fatal error) when peers do not show up in time, so a
+    # watchdog of our own fires first and says who is missing, in one line.
+    count, me = FLAGS.num_processes, FLAGS.process_id
+    who = "the other processes" if me == 0 else "process 0 (the coordinator)"
+    watchdog = threading.Timer(
+        FLAGS.startup_timeout,
+        lambda: (
+            print(
+                f"error: process {me} of {count} could not reach {who} at "
+                f"{FLAGS.coordinator_address} within {FLAGS.startup_timeout} s; start all "
+                f"{count} processes with the same --coordinator_address and --num_processes, "
+                f"ids 0..{count - 1}.",
+                file=sys.stderr,
+                flush=True,
+            ),
+            os._exit(2),
+        ),
+    )
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=count,
+            process_id=me,
+            initialization_timeout=FLAGS.startup_timeout + 30,  # the watchdog speaks first
+        )
+    finally:
+        watchdog.cancel()
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -83,6 +142,10 @@ def main(argv):
         import tensorflow as tf
 
         tf.config.set_visible_devices([], "GPU")
+    try:
+        start_distributed()
+    except ValueError as error:
+        fail(error)
     from train import loop  # imported after flag parsing: importing jax is slow
 
     try:

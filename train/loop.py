@@ -339,8 +339,11 @@ def train_and_evaluate(
     mesh = make_mesh(config.train.mesh)
     if config.train.parallelism == "pmap" and mesh.shape["fsdp"] > 1:
         raise ValueError("train.parallelism='pmap' replicates the state; FSDP needs 'jit'.")
-    init_rng, step_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-    step_rng = jax.device_put(step_rng, NamedSharding(mesh, P()))  # a global array, as saved
+    # Keys made under jit are global arrays, replicated over the mesh (as checkpoints hold them).
+    init_rng, step_rng, sample_rng = jax.jit(
+        lambda: jax.random.split(jax.random.key(config.seed), 3),
+        out_shardings=NamedSharding(mesh, P()),
+    )()
     state, shardings = init_state(config, mesh, init_rng)
     check_model_fits_data(config, state, info)
     if is_chief:  # only once model and data are known to be good, so bad input leaves no trace

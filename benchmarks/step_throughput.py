@@ -1,0 +1,563 @@
+"""Train-step throughput of the benchmark models, through the project's own state, step and jit.
+
+Usage (from the repo root):
+  python benchmarks/step_throughput.py --model=cnn
+  python benchmarks/step_throughput.py --model=transformer_small --steps=4 --repeats=3
+  python benchmarks/step_throughput.py --model=mlp --mode=pipeline
+  python benchmarks/step_throughput.py --all [--mode=pipeline]
+
+Each benchmark is a config file from `configs/` with a few fields overridden (dropout 0 always),
+run through `train.state.create_train_state` and `train.steps.train_step`, compiled by
+`train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
+`python -m train` runs.
+
+Modes:
+  memory    one fixed random batch, put on device once with the loop's `put_batch`. The first step
+            (trace + compile + run) gives `compile_s`; then `--repeats` times `--steps` steps, with
+            one `jax.block_until_ready` at the end of each repeat.
+  pipeline  the same steps, each batch read by `train.data.train_iterator` from the prepared data
+            and put on device with `put_batch`. Repeats alternate with memory-mode repeats of the
+            same config in the same process (A B A B, as load on this machine drifts), which
+            gives `share_of_memory_throughput`.
+
+Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
+there), `xla_flops_per_step` XLA's cost analysis of the compiled step, and `peak_gflops` the median
+rate of a jitted float32 4096x4096 `jnp.dot` measured in the same process just after the model.
+`loadavg` is the first field of /proc/loadavg before the model's work started (the benchmark loads
+the machine itself, so a later reading would count it); `other_cores_busy` is the CPU time that
+other processes used during the timed repeats, in cores, from /proc/stat minus this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script, the repo root is not on the path
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from train import data, loop  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.state import create_train_state  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
+TARGET_REPEAT_S = 4.0  # default --steps: about this many seconds per repeat
+WARMUP_S = 0.5  # warm steps (after the first) used to estimate the step time
+MNIST_SHAPE = (28, 28, 1)
+
+
+class Benchmark(NamedTuple):
+    """One benchmark: a config file and the fields it overrides.
+
+    Attributes:
+      config_file: a file in `configs/`.
+      overrides: flattened config keys -> values, applied to `get_config()`.
+      float_features: > 0 for a float-feature LSTM: memory-mode inputs are
+        `[batch, seq_len, float_features]` instead of token ids.
+      memory_only: override keys that pipeline mode skips (keeping the config file's values),
+        because the real data set cannot feed them.
+      pipeline_note: said in pipeline mode's `note` field.
+    """
+
+    config_file: str
+    overrides: dict[str, Any]
+    float_features: int = 0
+    memory_only: tuple[str, ...] = ()
+    pipeline_note: str = ""
+
+
+BENCHMARKS = {
+    # 784 -> 128 relu -> 10 on MNIST-shaped images, SGD with momentum (the config's optimizer).
+    "mlp": Benchmark(
+        "mlp.py",
+        {
+            "model.hidden_sizes": (128,),
+            "model.num_classes": 10,
+            "model.dropout_rate": 0.0,
+            "data.batch_size": 128,
+        },
+    ),
+    # The CNN model's defaults: conv32-pool-conv64-pool-dense128-dense10, Adam.
+    "cnn": Benchmark(
+        "cnn.py",
+        {
+            "model.conv_features": (32, 64),
+            "model.dense_features": 128,
+            "model.num_classes": 10,
+            "model.dropout_rate": 0.0,
+            "data.batch_size": 128,
+        },
+    ),
+    # 3 x LSTM(128) over 100 steps of 64 float features, last state -> 64 relu -> 10, Adam (and the
+    # config's gradient clipping).
+    "lstm": Benchmark(
+        "lstm.py",
+        {
+            "model.num_layers": 3,
+            "model.hidden_size": 128,
+            "model.num_outputs": 10,
+            "model.vocab_size": 0,  # float features, no embedding
+            "model.embed_dim": 0,
+            "model.head_sizes": (64,),
+            "model.per_step": False,
+            "model.dropout_rate": 0.0,
+            "data.seq_len": 100,
+            "data.batch_size": 64,
+        },
+        float_features=64,
+        memory_only=("model.vocab_size", "model.embed_dim"),
+        pipeline_note=(
+            "SST-2 has word tokens, not 64 float features: pipeline mode (and its memory-mode "
+            "reference) uses the lstm config's token embedding (vocab_size 16384, embed_dim 256) "
+            "with 3 x 128 LSTM layers, seq_len 100, batch 64, head 64 -> 10"
+        ),
+    ),
+    # Decoder LMs over 65 characters, AdamW (and the config's gradient clipping).
+    "transformer_tiny": Benchmark(
+        "transformer.py",
+        {
+            "model.vocab_size": 65,
+            "model.num_layers": 4,
+            "model.num_heads": 4,
+            "model.width": 128,
+            "model.mlp_dim": 512,
+            "model.max_len": 64,
+            "model.dropout_rate": 0.0,
+            "data.seq_len": 64,
+            "data.batch_size": 12,
+        },
+    ),
+    "transformer_small": Benchmark(
+        "transformer.py",
+        {
+            "model.vocab_size": 65,
+            "model.num_layers": 6,
+            "model.num_heads": 6,
+            "model.width": 384,
+            "model.mlp_dim": 1536,
+            "model.max_len": 256,
+            "model.dropout_rate": 0.0,
+            "data.seq_len": 256,
+            "data.batch_size": 16,
+        },
+    ),
+}
+
+
+def benchmark_config(name: str, pipeline: bool) -> ml_collections.ConfigDict:
+    """The locked config of benchmark `name`; `pipeline` drops its `memory_only` overrides."""
+    benchmark = BENCHMARKS[name]
+    config = load_config(REPO / "configs" / benchmark.config_file)
+    overrides = {
+        key: value
+        for key, value in benchmark.overrides.items()
+        if not (pipeline and key in benchmark.memory_only)
+    }
+    config.update_from_flattened_dict(overrides)  # locked: a misspelt key raises
+    return config
+
+
+def float_features(name: str, config: ml_collections.ConfigDict) -> int:
+    """Float features per LSTM step, or 0 when the model reads token ids or images."""
+    if config.model.name == "lstm" and config.model.vocab_size == 0:
+        return BENCHMARKS[name].float_features
+    return 0
+
+
+# --- Model FLOPs by hand --------------------------------------------------------------------------
+
+
+def _dense_chain(sizes: Sequence[int]) -> int:
+    """Multiply-adds of a chain of dense layers sizes[0] -> sizes[1] -> ... for one row."""
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+
+
+def model_flops(config: ml_collections.ConfigDict, features: int = 0) -> int:
+    """Training FLOPs of one step, counted by hand from the config.
+
+    Convention: a matmul of [M, K] by [K, N] (or a convolution, per output position) is
+    2 * M * N * K FLOPs; one training step is 3 x the forward matmul FLOPs (the forward pass, plus
+    the two matmuls of the backward pass: gradients of the activations and of the weights).
+    Biases, activations, normalisation, softmax, the loss, embedding lookups and the optimizer
+    update are not counted, and neither is the saving of skipping the input gradient of the first
+    layer, which nobody computes (so XLA's count is lower: about 2/3 of ours for the MLP).
+
+      mlp          2 * B * sum(d_in * d_out) over the dense layers (784 -> hidden... -> classes).
+      cnn          2 * B * H * W * 9 * C_in * C_out per 3x3 SAME conv at its input resolution
+                   (each 2x2 pool halves H and W), then the dense layers on the flattened map.
+      lstm         per layer 2 * B * T * (F_in * 4H + H * 4H): the input and the recurrent gate
+                   projections (F_in = features or embed_dim for the first layer, H after); then the
+                   dense head on the last state [B, H] (on [B * T, H] for a per-step model).
+      transformer  per layer 2 * B * T * (3 W^2 + W^2 + 2 W M) for the q/k/v, output and MLP
+                   projections, plus 2 * (2 * B * T^2 * W) for the attention scores q.k and the
+                   weighted sum of values over all heads (the full T x T matrix, as the model
+                   computes it, masked half included); plus 2 * B * T * W * V for the LM head.
+
+    Args:
+      config: a benchmark config.
+      features: float features per LSTM step; 0 for a token LSTM (then `embed_dim` counts).
+
+    Returns:
+      FLOPs of one training step on the global batch `config.data.batch_size`.
+    """
+    model, batch = config.model, config.data.batch_size
+    if model.name == "mlp":
+        sizes = [math.prod(MNIST_SHAPE), *model.hidden_sizes, model.num_classes]
+        forward = 2 * batch * _dense_chain(sizes)
+    elif model.name == "cnn":
+        height, width, channels = MNIST_SHAPE
+        forward = 0
+        for out_channels in model.conv_features:
+            forward += 2 * batch * height * width * 3 * 3 * channels * out_channels
+            height, width, channels = height // 2, width // 2, out_channels
+        sizes = [height * width * channels, model.dense_features, model.num_classes]
+        forward += 2 * batch * _dense_chain(sizes)
+    elif model.name == "lstm":
+        seq_len, hidden = config.data.seq_len, model.hidden_size
+        in_features = features if model.vocab_size == 0 else model.embed_dim
+        forward = 0
+        for _ in range(model.num_layers):
+            forward += 2 * batch * seq_len * (in_features * 4 * hidden + hidden * 4 * hidden)
+            in_features = hidden
+        rows = batch * seq_len if model.per_step else batch
+        forward += 2 * rows * _dense_chain([hidden, *model.head_sizes, model.num_outputs])
+    elif model.name == "transformer":
+        seq_len, width, mlp_dim = config.data.seq_len, model.width, model.mlp_dim
+        tokens = batch * seq_len
+        per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
+        per_layer += 2 * 2 * batch * seq_len * seq_len * width  # scores and values, all heads
+        forward = model.num_layers * per_layer
+        if model.causal:
+            forward += 2 * tokens * width * model.vocab_size  # LM head
+        else:
+            forward += 2 * batch * width * model.num_classes  # classifier on the mean pool
+    else:
+        raise KeyError(f"No FLOP formula for model {model.name!r}")
+    return 3 * forward
+
+
+# --- Batches, state and timing --------------------------------------------------------------------
+
+
+def random_batch(config: ml_collections.ConfigDict, features: int, seed: int = 0) -> dict:
+    """A random numpy batch of the shapes and dtypes `train.data` produces for `config`.
+
+    Args:
+      config: a benchmark config.
+      features: float features per LSTM step (0: the inputs are token ids or images).
+      seed: numpy seed.
+
+    Returns:
+      `inputs`, `targets` and `weights` (ones) with the global batch size as the first axis.
+    """
+    rng = np.random.default_rng(seed)
+    batch, model = config.data.batch_size, config.model
+    if config.data.dataset == "mnist":
+        inputs = rng.random((batch, *MNIST_SHAPE), np.float32)  # [b, 28, 28, 1] in [0, 1)
+        targets = rng.integers(0, model.num_classes, batch, dtype=np.int32)  # [b]
+    elif model.name == "lstm":
+        seq_len = config.data.seq_len
+        if features:
+            inputs = rng.standard_normal((batch, seq_len, features), np.float32)  # [b, t, f]
+        else:  # token ids without padding (id 0), so every sentence is seq_len long
+            inputs = rng.integers(1, model.vocab_size, (batch, seq_len), dtype=np.int32)
+        targets = rng.integers(0, model.num_outputs, batch, dtype=np.int32)  # [b]
+    else:  # a causal language model: targets are tokens at every position
+        shape = (batch, config.data.seq_len)
+        inputs = rng.integers(0, model.vocab_size, shape, dtype=np.int32)  # [b, t]
+        targets = rng.integers(0, model.vocab_size, shape, dtype=np.int32)  # [b, t]
+    return {"inputs": inputs, "targets": targets, "weights": np.ones(targets.shape, np.float32)}
+
+
+def init_state(config: ml_collections.ConfigDict, mesh, example: np.ndarray):
+    """A TrainState laid out over `mesh` the way `train.loop` lays it out, and its shardings.
+
+    Like `train.loop.init_state`, but with an example input row, since the float-feature LSTM's
+    inputs are not what `train.state.example_inputs` makes for its data set. `train/loop.py` is
+    moving from a replicated state (`compile_jit(mesh)`) to per-array shardings
+    (`compile_jit(mesh, state_shardings)`, for FSDP); both forms are supported.
+
+    Returns:
+      (state, state shardings: a tree like the state, or None for the replicated form).
+    """
+    create = functools.partial(create_train_state, config)
+    rng, example = jax.random.key(config.seed), jnp.asarray(example)
+    abstract = jax.eval_shape(create, rng, example)
+    if hasattr(loop, "state_shardings"):
+        shardings = loop.state_shardings(abstract, mesh)
+    else:
+        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    # jit sees the arrays only: the static parts (apply_fn, tx) come from `abstract`, so the state
+    # and its shardings have the same tree structure.
+    leaves = jax.jit(
+        lambda rng, x: jax.tree.leaves(create(rng, x)), out_shardings=jax.tree.leaves(shardings)
+    )(rng, example)
+    state = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    return state, (shardings if hasattr(loop, "state_shardings") else None)
+
+
+def compile_step(mesh, state_sharding) -> loop.Compiled:
+    """`train.loop.compile_jit` in whichever form `train/loop.py` has (see `init_state`)."""
+    if state_sharding is None:
+        return loop.compile_jit(mesh)
+    return loop.compile_jit(mesh, state_sharding)
+
+
+def read_loadavg() -> float:
+    """The one-minute load average (first field of /proc/loadavg)."""
+    return float(pathlib.Path("/proc/loadavg").read_text().split()[0])
+
+
+def _busy_cpu_s() -> float:
+    """Seconds of CPU time all processes have used since boot (/proc/stat, all but idle+iowait)."""
+    fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest is in user
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class CpuMeter:
+    """Accumulates, over timed intervals, the CPU time other processes used (in cores)."""
+
+    def __init__(self):
+        self.other_s = 0.0
+        self.wall_s = 0.0
+
+    def time(self, work: Callable[[], Any]) -> float:
+        """Runs `work()`, adds to the totals and returns its wall time in seconds."""
+        busy, own, start = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        work()
+        wall = time.perf_counter() - start
+        self.other_s += (_busy_cpu_s() - busy) - (_own_cpu_s() - own)
+        self.wall_s += wall
+        return wall
+
+    def cores(self) -> float:
+        """Mean number of cores other processes kept busy while timed (clamped at 0)."""
+        return max(self.other_s, 0.0) / max(self.wall_s, 1e-9)
+
+
+class Runner:
+    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps."""
+
+    def __init__(self, compiled: loop.Compiled, state, rng: jax.Array):
+        self.compiled, self.state, self.rng = compiled, state, rng
+
+    def run(self, num_steps: int, next_batch: Callable[[], Any]) -> None:
+        """n steps; one host sync at the end (the state is donated, so it is replaced each step)."""
+        state = self.state
+        for _ in range(num_steps):
+            state, _ = self.compiled.train(state, next_batch(), self.rng)
+        self.state = jax.block_until_ready(state)
+
+
+def estimate_steps(runner: Runner, next_batch: Callable[[], Any], target_s: float) -> int:
+    """Runs warm steps for about WARMUP_S seconds; returns the step count for about `target_s`."""
+    count, start = 0, time.perf_counter()
+    while count < 2 or time.perf_counter() - start < WARMUP_S:
+        runner.run(1, next_batch)
+        count += 1
+    step_s = (time.perf_counter() - start) / count
+    return max(1, math.ceil(target_s / step_s))
+
+
+def matmul_peak_gflops(size: int, repeats: int) -> float:
+    """Median GFLOP/s of a jitted float32 `jnp.dot` of two [size, size] matrices."""
+    rng = np.random.default_rng(0)  # numpy: no jax.random kernels to compile and run first
+    a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def xla_flops(compiled: loop.Compiled, state, batch, rng, num_devices: int) -> float:
+    """FLOPs of the compiled step from XLA's cost analysis, summed over the mesh's devices.
+
+    The analysed module is the per-device (SPMD-partitioned) program, hence the product. XLA counts
+    a while loop's body once, whatever its trip count, so a scanned model (the LSTM; a Transformer
+    whose layers are scanned) comes out far below its real count.
+    """
+    analysis = compiled.train.lower(state, batch, rng).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis["flops"]) * num_devices
+
+
+def _step_stats(times_s: list[float], num_steps: int) -> dict[str, float]:
+    per_step_ms = [1e3 * t / num_steps for t in times_s]
+    return {
+        "step_ms": statistics.median(per_step_ms),
+        "step_ms_min": min(per_step_ms),
+        "step_ms_max": max(per_step_ms),
+    }
+
+
+def run_benchmark(
+    name: str,
+    mode: str = "memory",
+    steps: int | None = None,
+    repeats: int = 5,
+    peak_repeats: int = 5,
+) -> dict[str, Any]:
+    """Benchmarks one model; returns the JSON line's fields (see the module docstring).
+
+    Args:
+      name: a key of `BENCHMARKS`.
+      mode: 'memory' or 'pipeline'.
+      steps: steps per timed repeat; None picks about TARGET_REPEAT_S seconds' worth (separately
+        for memory and pipeline steps).
+      repeats: timed repeats (per kind, in pipeline mode).
+      peak_repeats: timed runs of each peak matmul.
+    """
+    if mode not in ("memory", "pipeline"):
+        raise ValueError(f"Unknown mode {mode!r}; use 'memory' or 'pipeline'.")
+    loadavg = read_loadavg()
+    pipeline = mode == "pipeline"
+    config = benchmark_config(name, pipeline)
+    loop.check_batch_size(config)
+    features = float_features(name, config)
+    host_batch = random_batch(config, features)
+
+    mesh = loop.make_mesh()
+    state, state_sharding = init_state(config, mesh, host_batch["inputs"][:1])
+    compiled = compile_step(mesh, state_sharding)
+    rng = jax.random.key(config.seed + 1)
+    batch = compiled.put_batch(host_batch)  # the fixed batch, in device memory from now on
+
+    start = time.perf_counter()
+    state, sums = compiled.train(state, batch, rng)  # trace, compile and run
+    jax.block_until_ready((state, sums))
+    compile_s = time.perf_counter() - start
+
+    runner = Runner(compiled, state, rng)
+    memory_steps = steps or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
+    meter = CpuMeter()
+    memory_times, pipeline_times = [], []
+    if pipeline:
+        train_iter = data.train_iterator(config.data, seed=config.seed)
+
+        def next_batch():
+            return compiled.put_batch(next(train_iter))
+
+        setup_start = time.perf_counter()
+        next_batch()  # opens the data source (and builds a vocabulary) outside the timing
+        pipeline_setup_s = time.perf_counter() - setup_start
+        pipeline_steps = steps or estimate_steps(runner, next_batch, TARGET_REPEAT_S)
+    for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
+        memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
+        if pipeline:
+            pipeline_times.append(meter.time(lambda: runner.run(pipeline_steps, next_batch)))
+
+    peak = matmul_peak_gflops(4096, peak_repeats)
+    peak_2048 = matmul_peak_gflops(2048, peak_repeats)
+    flops = model_flops(config, features)
+    flops_xla = xla_flops(compiled, runner.state, batch, rng, mesh.size)
+
+    memory = _step_stats(memory_times, memory_steps)
+    timed = _step_stats(pipeline_times, pipeline_steps) if pipeline else memory
+    step_s = timed["step_ms"] / 1e3
+    batch_size = config.data.batch_size
+    result: dict[str, Any] = {
+        "model": name,
+        "mode": mode,
+        "examples_per_s": batch_size / step_s,
+    }
+    if config.model.name == "transformer":
+        result["tokens_per_s"] = batch_size * config.data.seq_len / step_s
+    result.update(timed)
+    result.update(
+        {
+            "flops_per_step": flops,
+            "xla_flops_per_step": flops_xla,
+            "peak_gflops": peak,
+            "peak_gflops_2048": peak_2048,
+            "share_of_peak": flops / step_s / (peak * 1e9),
+            "compile_s": compile_s,
+            "loadavg": loadavg,
+            "loadavg_end": read_loadavg(),
+            "other_cores_busy": meter.cores(),
+            "steps": pipeline_steps if pipeline else memory_steps,
+            "repeats": repeats,
+            "batch_size": batch_size,
+            "devices": jax.device_count(),
+            "platform": jax.devices()[0].platform,
+            "jax_version": jax.__version__,
+        }
+    )
+    if pipeline:
+        memory_examples_per_s = batch_size / (memory["step_ms"] / 1e3)
+        result.update(
+            {
+                "memory_examples_per_s": memory_examples_per_s,
+                "memory_step_ms": memory["step_ms"],
+                "memory_steps": memory_steps,
+                "share_of_memory_throughput": result["examples_per_s"] / memory_examples_per_s,
+                "pipeline_setup_s": pipeline_setup_s,
+                "dataset": config.data.dataset,
+                "num_workers": config.data.num_workers,
+            }
+        )
+        if BENCHMARKS[name].pipeline_note:
+            result["note"] = BENCHMARKS[name].pipeline_note
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=sorted(BENCHMARKS))
+    which.add_argument("--all", action="store_true", help="every model, one JSON line each")
+    parser.add_argument("--mode", choices=("memory", "pipeline"), default="memory")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"steps per repeat (default: ~{TARGET_REPEAT_S} s)"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak_repeats", type=int, default=5, help="runs of each peak matmul")
+    args = parser.parse_args(argv)
+    if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.peak_repeats < 1:
+        parser.error("--steps, --repeats and --peak_repeats must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the benchmarks named on the command line; prints and returns one dict per model."""
+    args = parse_args(argv)
+    if "TFDS_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+        os.environ["TFDS_DATA_DIR"] = str(SHARED_DATA)
+    names = list(BENCHMARKS) if args.all else [args.model]
+    results = []
+    for name in names:
+        result = run_benchmark(name, args.mode, args.steps, args.repeats, args.peak_repeats)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""benchmarks/step_throughput.py: its JSON line, its hand FLOP counts, and pipeline mode."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
+KEYS = {
+    "model",
+    "mode",
+    "examples_per_s",
+    "step_ms",
+    "step_ms_min",
+    "step_ms_max",
+    "flops_per_step",
+    "xla_flops_per_step",
+    "peak_gflops",
+    "share_of_peak",
+    "compile_s",
+    "loadavg",
+    "devices",
+    "jax_version",
+}
+# Tiny runs: a few steps, one timed peak matmul of each size.
+QUICK = ["--model=mlp", "--steps=5", "--repeats=2", "--peak_repeats=1"]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("step_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def printed_line(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
+
+
+def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
+    results = benchmark.main([*QUICK, "--mode=memory"])
+    line = printed_line(capsys)
+    assert results == [line]
+    assert KEYS <= set(line), KEYS - set(line)
+    assert (line["model"], line["mode"], line["devices"]) == ("mlp", "memory", 4)  # conftest: 4
+    # 784 -> 128 -> 10 at batch 128: forward 2 * B * (784 * 128 + 128 * 10), training 3x that.
+    assert line["flops_per_step"] == 6 * 128 * (784 * 128 + 128 * 10) == 78_053_376
+    # XLA counts the same matmuls less the first layer's unneeded input gradient, plus elementwise
+    # work (and, on 4 devices, the gradient all-reduce): 2/3 of the hand count (52,360,704) and a
+    # little more.
+    assert 52_360_704 <= line["xla_flops_per_step"] < 1.1 * 52_360_704
+    assert 0 < line["share_of_peak"] < 2
+    assert line["peak_gflops"] > 0 and line["compile_s"] > 0
+    assert line["step_ms_min"] <= line["step_ms"] <= line["step_ms_max"]
+    assert line["examples_per_s"] == pytest.approx(128 / (line["step_ms"] / 1e3))
+
+
+def test_pipeline_mode_compares_with_memory_throughput(benchmark, capsys):
+    benchmark.main([*QUICK, "--mode=pipeline"])
+    line = printed_line(capsys)
+    assert KEYS <= set(line)
+    assert (line["mode"], line["dataset"]) == ("pipeline", "mnist")
+    assert line["share_of_memory_throughput"] > 0
+    assert line["share_of_memory_throughput"] == pytest.approx(
+        line["examples_per_s"] / line["memory_examples_per_s"]
+    )
+
+
+@pytest.mark.parametrize("name", ["cnn", "lstm", "transformer_tiny", "transformer_small"])
+def test_hand_flop_counts_of_the_other_models(benchmark, name):
+    config = benchmark.benchmark_config(name, pipeline=False)
+    flops = benchmark.model_flops(config, benchmark.float_features(name, config))
+    expected = {
+        # 3x3 convs at 28x28 (1 -> 32) and 14x14 (32 -> 64), then 7*7*64 -> 128 -> 10.
+        "cnn": 6 * 128 * (28 * 28 * 9 * 32 + 14 * 14 * 9 * 32 * 64 + 3136 * 128 + 128 * 10),
+        # Gates of 3 layers over 100 steps (inputs 64, 128, 128; recurrent 128), head 128-64-10.
+        "lstm": 6 * 64 * (100 * (64 + 128 + 128 + 3 * 128) * 512 + 128 * 64 + 64 * 10),
+        # Per layer 12 W^2 per token (4 W^2 projections + 8 W^2 MLP) and 2 * T * W attention.
+        "transformer_tiny": 6 * 12 * 64 * (4 * (12 * 128**2 + 2 * 64 * 128) + 128 * 65),
+        "transformer_small": 6 * 16 * 256 * (6 * (12 * 384**2 + 2 * 256 * 384) + 384 * 65),
+    }[name]
+    assert flops == expected

@@ -18,6 +18,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.dense_features = 128
     config.model.num_classes = 10
     config.model.dropout_rate = 0.0
+    config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "mnist"

@@ -22,6 +22,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.head_sizes = (256,)  # Dense+relu layers between the last LSTM state and the logits
     config.model.per_step = False  # False: classify the sequence from its last real token
     config.model.dropout_rate = 0.2
+    config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "glue/sst2"

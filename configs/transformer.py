@@ -28,6 +28,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.causal = True  # decoder LM; False with num_classes > 0 is an encoder classifier
     config.model.num_classes = 0  # 0: language-model head over the vocabulary
     config.model.dropout_rate = 0.1
+    config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
+    config.model.scan_layers = True  # one scanned layer: compile time flat in depth
+    config.model.remat = False  # recompute activations in backward: less memory
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "tiny_shakespeare"

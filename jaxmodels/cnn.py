@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -37,12 +38,14 @@ class CNN(nn.Module):
       dense_features: width of the hidden dense layer.
       num_classes: number of output logits.
       dropout_rate: dropout before the last layer (only when `train=True`).
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32.
     """
 
     conv_features: Sequence[int] = (32, 64)
     dense_features: int = 128
     num_classes: int = 10
     dropout_rate: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -55,10 +58,13 @@ class CNN(nn.Module):
         Returns:
           float32 logits, `[batch, num_classes]`.
         """
+        dtype = jnp.dtype(self.dtype)
         for i, features in enumerate(self.conv_features):
-            x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv_{i}")(x)  # [b, h, w, f]
-            x = max_pool_2x2(nn.relu(x))  # [batch, h / 2, w / 2, features]
+            conv = nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, name=f"conv_{i}")
+            x = max_pool_2x2(nn.relu(conv(x)))  # [batch, h / 2, w / 2, features]
         x = x.reshape(x.shape[0], -1)  # [batch, h * w * features]
-        x = nn.relu(nn.Dense(self.dense_features, name="dense")(x))  # [batch, dense_features]
+        x = nn.Dense(self.dense_features, dtype=dtype, name="dense")(x)
+        x = nn.relu(x)  # [batch, dense_features]
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, name="logits")(x)  # [batch, num_classes]
+        logits = nn.Dense(self.num_classes, dtype=dtype, name="logits")(x)
+        return logits.astype(jnp.float32)  # [batch, num_classes]

@@ -3,6 +3,9 @@
 `LSTMCell` and `LSTMLayer` declare the same parameters (`input_kernel`, `recurrent_kernel`, `bias`),
 so the cell can be applied step by step with a layer's parameters. The layer is faster: it computes
 the input projection for all time steps in one matmul and only scans the recurrent matmul.
+
+Mixed precision: parameters are always float32; `dtype` is the computation dtype of the matmuls
+and of `h`, while the cell state `c` and the gate nonlinearities stay float32 (see `_lstm_step`).
 """
 
 from collections.abc import Sequence
@@ -11,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Carry = tuple[jax.Array, jax.Array]  # (c, h), each [batch, hidden_size]
+Carry = tuple[jax.Array, jax.Array]  # (c, h), each [batch, hidden_size]; c float32, h in dtype
 
 
 def _lstm_params(module: nn.Module, num_features: int, hidden_size: int):
@@ -29,19 +32,27 @@ def _lstm_params(module: nn.Module, num_features: int, hidden_size: int):
 def _lstm_step(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
     """One LSTM step given the input part of the gates, `x_t @ input_kernel + bias`.
 
+    The matmul runs in the dtype of `recurrent_kernel` (the computation dtype). The cell state `c`
+    stays float32 whatever that dtype: it is a running sum over the whole sequence
+    (c' = sigmoid(f) * c + ...), so rounding it to bfloat16's 8-bit mantissa at every step would
+    lose small updates and let the error build up along the sequence. `h` is recomputed from `c`
+    at every step, lies in (-1, 1) and only feeds matmuls, so it is kept in the computation dtype.
+
     Args:
-      recurrent_kernel: `[hidden_size, 4 * hidden_size]`.
-      carry: `(c, h)`, each `[batch, hidden_size]`.
+      recurrent_kernel: `[hidden_size, 4 * hidden_size]`, in the computation dtype.
+      carry: `(c, h)`, each `[batch, hidden_size]`; `c` float32.
       input_gates: `[batch, 4 * hidden_size]`.
 
     Returns:
-      `((c', h'), h')`.
+      `((c', h'), h')`; `c'` float32, `h'` in the dtype of `recurrent_kernel`.
     """
     c, h = carry
-    gates = input_gates + h @ recurrent_kernel  # [batch, 4 * hidden_size]
+    dtype = recurrent_kernel.dtype
+    gates = input_gates + h.astype(dtype) @ recurrent_kernel  # [batch, 4 * hidden_size]
+    gates = gates.astype(jnp.float32)  # gate nonlinearities and the c update in float32
     i, f, g, o = jnp.split(gates, 4, axis=-1)  # each [batch, hidden_size]
-    c = nn.sigmoid(f) * c + nn.sigmoid(i) * jnp.tanh(g)
-    h = nn.sigmoid(o) * jnp.tanh(c)
+    c = nn.sigmoid(f) * c.astype(jnp.float32) + nn.sigmoid(i) * jnp.tanh(g)
+    h = (nn.sigmoid(o) * jnp.tanh(c)).astype(dtype)
     return (c, h), h
 
 
@@ -50,9 +61,11 @@ class LSTMCell(nn.Module):
 
     Attributes:
       hidden_size: size of `c` and `h`.
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters and `c` stay float32.
     """
 
     hidden_size: int
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
@@ -63,10 +76,12 @@ class LSTMCell(nn.Module):
           x_t: inputs at this step, `[batch, features]`.
 
         Returns:
-          `((c', h'), h')`, each `[batch, hidden_size]`.
+          `((c', h'), h')`, each `[batch, hidden_size]`; `c'` float32, `h'` in `dtype`.
         """
-        input_kernel, recurrent_kernel, bias = _lstm_params(self, x_t.shape[-1], self.hidden_size)
-        return _lstm_step(recurrent_kernel, carry, x_t @ input_kernel + bias)
+        params = _lstm_params(self, x_t.shape[-1], self.hidden_size)
+        input_kernel, recurrent_kernel, bias = (p.astype(self.dtype) for p in params)
+        input_gates = x_t.astype(self.dtype) @ input_kernel + bias  # [batch, 4 * hidden_size]
+        return _lstm_step(recurrent_kernel, carry, input_gates)
 
 
 class LSTMLayer(nn.Module):
@@ -74,9 +89,11 @@ class LSTMLayer(nn.Module):
 
     Attributes:
       hidden_size: size of `c` and `h`.
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters and `c` stay float32.
     """
 
     hidden_size: int
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,20 +103,23 @@ class LSTMLayer(nn.Module):
           x: float inputs, `[batch, seq_len, features]`.
 
         Returns:
-          hidden states at every step, `[batch, seq_len, hidden_size]`.
+          hidden states at every step, `[batch, seq_len, hidden_size]` in `dtype`.
         """
         batch = x.shape[0]
-        input_kernel, recurrent_kernel, bias = _lstm_params(self, x.shape[-1], self.hidden_size)
+        params = _lstm_params(self, x.shape[-1], self.hidden_size)
+        # Cast once here, not inside the scan, so each step's matmul reads `dtype` weights.
+        input_kernel, recurrent_kernel, bias = (p.astype(self.dtype) for p in params)
         # The input projection does not depend on the state: one big matmul for all steps keeps
         # only the small [batch, hidden] @ [hidden, 4 * hidden] matmul inside the sequential scan.
-        input_gates = x @ input_kernel + bias  # [batch, seq_len, 4 * hidden_size]
-        zeros = jnp.zeros((batch, self.hidden_size), input_gates.dtype)
+        input_gates = x.astype(self.dtype) @ input_kernel + bias  # [batch, seq_len, 4 * hidden]
+        c = jnp.zeros((batch, self.hidden_size), jnp.float32)  # float32 whatever dtype
+        h = jnp.zeros((batch, self.hidden_size), self.dtype)
 
         def step(carry: Carry, gates_t: jax.Array) -> tuple[Carry, jax.Array]:
             return _lstm_step(recurrent_kernel, carry, gates_t)
 
         # lax.scan runs over the leading axis, so scan time-major and swap back.
-        _, h = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(input_gates, 0, 1))
+        _, h = jax.lax.scan(step, (c, h), jnp.swapaxes(input_gates, 0, 1))
         return jnp.swapaxes(h, 0, 1)  # [batch, seq_len, hidden_size]
 
 
@@ -118,6 +138,8 @@ class LSTM(nn.Module):
       per_step: if True, predict at every step `[batch, seq_len, num_outputs]`; if False, predict
         once per sequence from the output at the last valid step, `[batch, num_outputs]`.
       dropout_rate: dropout on the output of every LSTM layer (only when `train=True`).
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters and the cell states stay
+        float32 and the logits are returned as float32.
     """
 
     num_layers: int
@@ -128,6 +150,7 @@ class LSTM(nn.Module):
     head_sizes: Sequence[int] = ()
     per_step: bool = False
     dropout_rate: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -141,17 +164,19 @@ class LSTM(nn.Module):
         Returns:
           float32 logits, `[batch, seq_len, num_outputs]` if `per_step` else `[batch, num_outputs]`.
         """
+        dtype = jnp.dtype(self.dtype)
         if self.vocab_size > 0:
             if self.embed_dim <= 0:
                 raise ValueError(f"LSTM with vocab_size={self.vocab_size} needs embed_dim > 0")
             # A token model's sequence length is its number of non-padding tokens (padding at end).
             lengths = jnp.maximum(jnp.sum(x != 0, axis=1), 1)  # [batch]
-            x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(x)  # [b, t, embed_dim]
+            embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, name="embed")
+            x = embed(x)  # [batch, seq_len, embed_dim]
         else:
             lengths = jnp.full((x.shape[0],), x.shape[1])  # [batch]
 
         for i in range(self.num_layers):
-            x = LSTMLayer(self.hidden_size, name=f"lstm_{i}")(x)  # [batch, seq_len, hidden_size]
+            x = LSTMLayer(self.hidden_size, self.dtype, name=f"lstm_{i}")(x)  # [b, seq_len, hidden]
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
         if not self.per_step:
@@ -159,5 +184,6 @@ class LSTM(nn.Module):
             last = (lengths - 1)[:, None, None]  # [batch, 1, 1]
             x = jnp.take_along_axis(x, last, axis=1)[:, 0]  # [batch, hidden_size]
         for i, size in enumerate(self.head_sizes):
-            x = nn.relu(nn.Dense(size, name=f"head_{i}")(x))  # [..., size]
-        return nn.Dense(self.num_outputs, name="logits")(x)  # [..., num_outputs]
+            x = nn.relu(nn.Dense(size, dtype=dtype, name=f"head_{i}")(x))  # [..., size]
+        logits = nn.Dense(self.num_outputs, dtype=dtype, name="logits")(x)
+        return logits.astype(jnp.float32)  # [..., num_outputs]

@@ -1,4 +1,9 @@
-"""Pre-LayerNorm Transformer: a causal language model or a bidirectional encoder classifier."""
+"""Pre-LayerNorm Transformer: a causal language model or a bidirectional encoder classifier.
+
+Mixed precision: parameters are always float32; `dtype` is the computation dtype of the matmuls,
+LayerNorms and activations (statistics and the attention softmax stay float32), and the logits
+are cast back to float32.
+"""
 
 import flax.linen as nn
 import jax
@@ -11,10 +16,12 @@ class SelfAttention(nn.Module):
     Attributes:
       num_heads: number of heads; must divide `width`.
       width: model width (input and output size).
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32.
     """
 
     num_heads: int
     width: int
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -32,7 +39,8 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         batch, seq_len, _ = x.shape
         head_dim = self.width // self.num_heads
-        qkv = nn.Dense(3 * self.width, name="qkv")(x)  # [batch, seq_len, 3 * width]
+        dtype = jnp.dtype(self.dtype)
+        qkv = nn.Dense(3 * self.width, dtype=dtype, name="qkv")(x)  # [batch, seq_len, 3 * width]
         qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, seq_len, heads, head_dim]
         q = q * head_dim**-0.5  # scaling q is cheaper than scaling the [seq_len, seq_len] scores
@@ -44,7 +52,7 @@ class SelfAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, seq_len, heads, head_dim]
         out = out.reshape(batch, seq_len, self.width)  # [batch, seq_len, width]
-        return nn.Dense(self.width, name="out")(out)
+        return nn.Dense(self.width, dtype=dtype, name="out")(out)
 
 
 class TransformerBlock(nn.Module):
@@ -55,12 +63,14 @@ class TransformerBlock(nn.Module):
       width: model width.
       mlp_dim: hidden size of the MLP.
       dropout_rate: dropout on both residual branches (only when `train=True`).
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32.
     """
 
     num_heads: int
     width: int
     mlp_dim: int
     dropout_rate: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
@@ -72,14 +82,17 @@ class TransformerBlock(nn.Module):
           train: enables dropout (rng stream `"dropout"`).
 
         Returns:
-          `[batch, seq_len, width]`.
+          `[batch, seq_len, width]` in `dtype`.
         """
-        y = nn.LayerNorm(name="attn_norm")(x)
-        y = SelfAttention(self.num_heads, self.width, name="attn")(y, mask)
+        dtype = jnp.dtype(self.dtype)
+        # Casting the residual stream keeps its dtype fixed, which a scan over blocks requires.
+        x = x.astype(dtype)
+        y = nn.LayerNorm(dtype=dtype, name="attn_norm")(x)
+        y = SelfAttention(self.num_heads, self.width, self.dtype, name="attn")(y, mask)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = nn.LayerNorm(name="mlp_norm")(x)
-        y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(y))  # [batch, seq_len, mlp_dim]
-        y = nn.Dense(self.width, name="mlp_out")(y)  # [batch, seq_len, width]
+        y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
+        y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, seq_len, mlp_dim]
+        y = nn.Dense(self.width, dtype=dtype, name="mlp_out")(nn.gelu(y))  # [b, seq_len, width]
         return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
@@ -94,6 +107,15 @@ class Transformer(nn.Module):
     The other two combinations raise a ValueError: an encoder needs a classifier head, and a causal
     classifier is not something we train.
 
+    With `scan_layers=True` the blocks are one `nn.scan` over a single `TransformerBlock` whose
+    parameters are stacked along a leading `num_layers` axis, under `params["blocks"]` (e.g.
+    `blocks/attn/qkv/kernel` is `[num_layers, width, 3 * width]`); XLA then compiles one block
+    whatever the depth. With `scan_layers=False` the blocks are unrolled as `block_0`, `block_1`,
+    ... Both layouts have the same parameters (stacking the unrolled blocks' leaves gives the
+    scanned layout) and compute the same function, but the scan draws each layer's init and
+    dropout rngs differently, so the same seed gives other initial values and dropout masks, and
+    checkpoints of one layout do not load into the other.
+
     Attributes:
       vocab_size: number of token ids.
       num_layers: number of `TransformerBlock`s.
@@ -104,6 +126,11 @@ class Transformer(nn.Module):
       causal: decoder (True) or encoder (False).
       num_classes: classifier outputs for the encoder; 0 for the decoder.
       dropout_rate: dropout on residual branches (only when `train=True`).
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32 and the logits
+        are returned as float32.
+      scan_layers: run the blocks as one `nn.scan` with stacked parameters (see above).
+      remat: recompute each block's activations in the backward pass instead of storing them
+        (`nn.remat`), trading about one extra forward pass for activation memory.
     """
 
     vocab_size: int
@@ -115,6 +142,9 @@ class Transformer(nn.Module):
     causal: bool = True
     num_classes: int = 0
     dropout_rate: float = 0.0
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
@@ -135,13 +165,14 @@ class Transformer(nn.Module):
         seq_len = tokens.shape[1]
         if seq_len > self.max_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len}")
+        dtype = jnp.dtype(self.dtype)
 
         embed_init = nn.initializers.normal(stddev=0.02)  # GPT-2 style small embeddings
-        x = nn.Embed(self.vocab_size, self.width, embedding_init=embed_init, name="token_embed")(
-            tokens
-        )  # [batch, seq_len, width]
+        x = nn.Embed(
+            self.vocab_size, self.width, dtype=dtype, embedding_init=embed_init, name="token_embed"
+        )(tokens)  # [batch, seq_len, width]
         positions = self.param("pos_embed", embed_init, (self.max_len, self.width))
-        x = x + positions[None, :seq_len]  # [batch, seq_len, width]
+        x = x + positions[None, :seq_len].astype(dtype)  # [batch, seq_len, width]
 
         if self.causal:
             mask = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None, None]  # [1, 1, q, k]
@@ -149,15 +180,68 @@ class Transformer(nn.Module):
             not_pad = tokens != 0  # [batch, seq_len]
             mask = not_pad[:, None, None, :]  # [batch, 1, 1, k]: no query attends to padding
 
-        for i in range(self.num_layers):
-            x = TransformerBlock(
-                self.num_heads, self.width, self.mlp_dim, self.dropout_rate, name=f"block_{i}"
-            )(x, mask, train=train)
-        x = nn.LayerNorm(name="final_norm")(x)  # [batch, seq_len, width]
+        x = self._blocks(x, mask, train)  # [batch, seq_len, width]
+        x = nn.LayerNorm(dtype=dtype, name="final_norm")(x)  # [batch, seq_len, width]
 
         if self.causal:
-            return nn.Dense(self.vocab_size, name="lm_head")(x)  # [batch, seq_len, vocab_size]
+            logits = nn.Dense(self.vocab_size, dtype=dtype, name="lm_head")(x)
+            return logits.astype(jnp.float32)  # [batch, seq_len, vocab_size]
         # Mean over non-padding positions; padded positions still hold values, so zero them first.
-        weights = not_pad[..., None].astype(x.dtype)  # [batch, seq_len, 1]
+        # Pooled in float32: a bfloat16 sum over the sequence would round at every addition.
+        weights = not_pad[..., None].astype(jnp.float32)  # [batch, seq_len, 1]
         pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)  # [batch, width]
-        return nn.Dense(self.num_classes, name="classifier")(pooled)  # [batch, num_classes]
+        logits = nn.Dense(self.num_classes, dtype=dtype, name="classifier")(pooled)
+        return logits.astype(jnp.float32)  # [batch, num_classes]
+
+    def _blocks(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+        """Applies the `num_layers` blocks, scanned or unrolled, optionally rematerialised.
+
+        Called from `__call__` (compact), so the blocks get their names in its scope.
+
+        Args:
+          x: `[batch, seq_len, width]` in `dtype`.
+          mask: bool attention mask broadcastable to `[batch, num_heads, seq_len, seq_len]`.
+          train: enables dropout; a Python bool, closed over so that it stays static under the
+            lifted transforms.
+
+        Returns:
+          `[batch, seq_len, width]` in `dtype`.
+        """
+
+        # nn.scan's body has the form (module, carry, *xs) -> (carry, ys): the residual stream is
+        # the carry and the mask is broadcast to every layer. The unrolled loop uses it too.
+        def apply_block(block: TransformerBlock, x: jax.Array, mask: jax.Array):
+            return block(x, mask, train=train), None
+
+        if self.remat:
+            # Only each block's input is kept for the backward pass; everything inside the block
+            # is recomputed (no policy: nothing is saveable). jax.checkpoint's `prevent_cse` stops
+            # XLA merging the recomputation with the forward pass again, which a scan's loop
+            # boundary already prevents, so inside the scan it is off (as the Flax and JAX docs
+            # advise) and only the unrolled layout pays for it.
+            apply_block = nn.remat(apply_block, prevent_cse=not self.scan_layers)
+
+        def make_block(name: str) -> TransformerBlock:
+            return TransformerBlock(
+                self.num_heads,
+                self.width,
+                self.mlp_dim,
+                self.dropout_rate,
+                self.dtype,
+                name=name,
+            )
+
+        if not self.scan_layers:
+            for i in range(self.num_layers):
+                x, _ = apply_block(make_block(f"block_{i}"), x, mask)
+            return x
+
+        scan_blocks = nn.scan(
+            apply_block,
+            variable_axes={"params": 0},  # every parameter gains a leading [num_layers] axis
+            split_rngs={"params": True, "dropout": True},  # independent init and dropout per layer
+            in_axes=(nn.broadcast,),  # the same mask for every layer
+            length=self.num_layers,
+        )
+        x, _ = scan_blocks(make_block("blocks"), x, mask)
+        return x

@@ -1,6 +1,8 @@
-"""jaxmodels: exact parameter counts, shapes, masking invariants, dropout and the model table."""
+"""jaxmodels: exact parameter counts, shapes, masking invariants, dropout, mixed precision, the
+Transformer's scanned and rematerialised layers, and the model table."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -79,21 +81,42 @@ class Built(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def small() -> Callable[[str], Built]:
-    """`small(name)` builds the SMALL_FIELDS model once per module and reuses its jitted apply.
+def small() -> Callable[..., Built]:
+    """`small(name, **fields)` builds the SMALL_FIELDS model, with `fields` overriding some of its
+    fields, once per module and reuses its jitted apply.
 
     Init and compiles dominate this suite's time on CPU, so tests share them.
     """
     built = {}
 
-    def get(name: str) -> Built:
-        if name not in built:
-            model = build_model(name, **SMALL_FIELDS[name])
+    def get(name: str, **fields) -> Built:
+        model = build_model(name, **dict(SMALL_FIELDS[name], **fields))
+        # Modules compare by their fields, so a default passed explicitly finds the same entry.
+        if model not in built:
             params = init_params(model, example_input(name))
-            built[name] = Built(model, {"params": params}, apply_fn(model))
-        return built[name]
+            built[model] = Built(model, {"params": params}, apply_fn(model))
+        return built[model]
 
     return get
+
+
+def stack_blocks(params: dict, num_layers: int) -> dict:
+    """Unrolled Transformer parameters (`block_0`, `block_1`, ...) in the scanned layout, where
+    `blocks` holds every block parameter stacked along a new leading `num_layers` axis."""
+    blocks = [params[f"block_{i}"] for i in range(num_layers)]
+    rest = {name: value for name, value in params.items() if not name.startswith("block_")}
+    return dict(rest, blocks=jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks))
+
+
+def all_equations(jaxpr) -> Iterator:
+    """Every equation of `jaxpr` and of the jaxprs nested in it (jit, scan, remat bodies)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr as `.jaxpr`
+                if hasattr(sub, "eqns"):
+                    yield from all_equations(sub)
 
 
 def test_every_model_has_a_test_case():
@@ -170,6 +193,12 @@ PARAM_COUNTS = [
         id="transformer-decoder",
     ),
     pytest.param(
+        "transformer", dict(SMALL_FIELDS["transformer"], scan_layers=False),
+        jnp.ones((1, 7), jnp.int32),
+        16 * D + 12 * D + 2 * BLOCK + 2 * D + D * 16 + 16,  # as scanned: the same parameters
+        id="transformer-decoder-unrolled",
+    ),
+    pytest.param(
         "transformer", ENCODER_FIELDS,
         jnp.ones((1, 7), jnp.int32),
         16 * D + 12 * D + 2 * BLOCK + 2 * D  # as the decoder, without the LM head
@@ -208,8 +237,9 @@ def test_lstm_tokens_need_embed_dim():
         jax.eval_shape(lambda: model.init(key(0), jnp.ones((1, 3), jnp.int32), train=False))
 
 
-def test_transformer_decoder_is_causal(small):
-    model = small("transformer")
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_transformer_decoder_is_causal(scan_layers, small):
+    model = small("transformer", scan_layers=scan_layers)
     tokens = example_input("transformer")  # [2, 7]
     logits = model.apply(model.variables, tokens, train=False)  # [2, 7, 16]
 
@@ -228,11 +258,11 @@ def test_transformer_decoder_is_causal(small):
     assert (np.abs(new_logits[:, t] - logits[:, t]).max(axis=-1) > 1e-4).all()
 
 
-def test_transformer_encoder_ignores_padding():
-    model = build_model("transformer", **ENCODER_FIELDS)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_transformer_encoder_ignores_padding(scan_layers, small):
+    encoder = small("transformer", causal=False, num_classes=3, scan_layers=scan_layers)
+    variables, apply = encoder.variables, encoder.apply
     tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
-    variables = {"params": init_params(model, tokens)}
-    apply = apply_fn(model)
     logits = apply(variables, tokens, train=False)  # [2, 3]
     assert logits.shape == (2, 3)
     more_padding = jnp.pad(tokens, ((0, 0), (0, 5)))  # [2, 12]
@@ -248,6 +278,108 @@ def test_transformer_rejects_bad_inputs_and_modes():
     for bad_mode in (dict(causal=False), dict(causal=True, num_classes=3)):
         with pytest.raises(ValueError, match="num_classes"):
             Transformer(**fields, **bad_mode).init(key(0), jnp.ones((1, 4), jnp.int32), train=False)
+
+
+@pytest.mark.parametrize(
+    "mode", [{}, dict(causal=False, num_classes=3)], ids=["decoder", "encoder"]
+)
+def test_transformer_scan_matches_unrolled(mode, small):
+    scanned = small("transformer", **mode)  # scan_layers=True is the default
+    unrolled = small("transformer", **mode, scan_layers=False)
+    params = unrolled.variables["params"]
+    stacked = stack_blocks(params, num_layers=2)
+    # The stacked unrolled parameters are exactly the scanned model's layout.
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned.variables["params"])
+    assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (2, D, 3 * D)  # [layers, in, out]
+
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # padding for the encoder
+    np.testing.assert_allclose(
+        scanned.apply({"params": stacked}, tokens, train=False),
+        unrolled.apply({"params": params}, tokens, train=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_transformer_remat_gives_same_outputs_and_grads(small):
+    # The scanned layout only: each gradient compile costs about a second on CPU, and the unrolled
+    # layout wraps the same function in nn.remat. Dropout is on, so the check covers the recomputed
+    # blocks drawing the same dropout masks as the forward pass.
+    base = small("transformer").model.clone(dropout_rate=0.5)
+    params = small("transformer").variables["params"]
+    tokens = example_input("transformer")
+
+    def outputs_and_grads(model: nn.Module):
+        def loss(params):
+            logits = model.apply({"params": params}, tokens, train=True, rngs={"dropout": key(1)})
+            return logits.sum(), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads
+
+    logits, grads = outputs_and_grads(base)
+    remat_logits, remat_grads = outputs_and_grads(base.clone(remat=True))
+    np.testing.assert_allclose(remat_logits, logits, rtol=1e-6, atol=1e-6)
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_grads, grads)
+
+
+def test_transformer_scan_traces_one_block_whatever_the_depth():
+    tokens = jnp.ones((2, 7), jnp.int32)
+
+    def num_equations(num_layers: int, scan_layers: bool) -> int:
+        fields = dict(SMALL_FIELDS["transformer"], num_layers=num_layers, scan_layers=scan_layers)
+        model = build_model("transformer", **fields)
+        variables = jax.eval_shape(lambda: model.init(key(0), tokens, train=False))
+        jaxpr = jax.make_jaxpr(partial(model.apply, train=False))(variables, tokens).jaxpr
+        return sum(1 for _ in all_equations(jaxpr))
+
+    assert num_equations(2, scan_layers=True) == num_equations(6, scan_layers=True)
+    assert num_equations(6, scan_layers=False) > 2 * num_equations(2, scan_layers=False)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bfloat16_computation(name, small):
+    base = small(name)
+    model = base.model.clone(dtype="bfloat16")
+    x = example_input(name)
+    params = base.variables["params"]
+
+    # The same float32 parameters: same tree, shapes (so the same count) and dtype as float32.
+    shapes = jax.eval_shape(lambda: model.init(key(0), x, train=False))["params"]
+    assert jax.tree.map(lambda p: (p.shape, p.dtype), shapes) == jax.tree.map(
+        lambda p: (p.shape, jnp.dtype(jnp.float32)), params
+    )
+
+    # float32 logits, close to the float32 model's (bfloat16 keeps about 3 significant digits).
+    logits = apply_fn(model)(base.variables, x, train=False)
+    expected = base.apply(base.variables, x, train=False)
+    assert logits.dtype == jnp.float32
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=5e-2 * scale)
+    assert not np.array_equal(logits, expected)  # it did compute in a lower precision
+
+    # Every matmul and conv runs on bfloat16 operands, in the backward pass too (only traced).
+    def loss(params):
+        return model.apply({"params": params}, x, train=False).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    operand_dtypes = {
+        str(var.aval.dtype)
+        for eqn in all_equations(jaxpr)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+        for var in eqn.invars
+    }
+    assert operand_dtypes == {"bfloat16"}
+
+
+def test_lstm_cell_state_stays_float32():
+    cell = LSTMCell(hidden_size=H, dtype="bfloat16")
+    carry = (jnp.zeros((3, H)), jnp.zeros((3, H), jnp.bfloat16))  # (c, h)
+    (c, h), h_out = jax.eval_shape(
+        lambda: cell.init_with_output(key(0), carry, jnp.zeros((3, 5)))[0]
+    )
+    assert (c.dtype, h.dtype, h_out.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+    assert c.shape == h.shape == (3, H)
 
 
 def test_lstm_layer_matches_cell_loop():
@@ -336,7 +468,7 @@ def test_build_model_unknown_field():
     message = str(info.value)
     assert "\n" not in message
     assert "'mlp'" in message and "['num_layer']" in message
-    assert "['dropout_rate', 'hidden_sizes', 'num_classes']" in message
+    assert "['dropout_rate', 'dtype', 'hidden_sizes', 'num_classes']" in message
 
 
 def test_build_model_returns_configured_module():

@@ -26,13 +26,14 @@ from train import checkpoint, data, metrics, optim, sample, steps
 from train.state import TrainState, create_train_state, example_inputs
 
 PMAP_AXIS = "batch"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a jax.monitoring event
 
 
 class Compiled(NamedTuple):
     """The step functions compiled for one way of using the devices, and the conversions they need.
 
     The loop keeps the state in the form `train` takes (`to_run` / `from_run` convert from and to
-    the canonical form: global arrays, replicated over the mesh, which is what checkpoints hold).
+    the canonical form: global arrays laid out over the mesh, which is what checkpoints hold).
     """
 
     put_batch: Callable[[dict[str, np.ndarray]], Any]
@@ -439,9 +440,6 @@ def timed_first_step(compiled: Compiled, run_state, batch, rng):
     source = "from the compilation cache" if CACHE_HIT_EVENT in events else "compiled"
     logging.info("First step: %.2f s (train step %s).", time.perf_counter() - start, source)
     return run_state, sums
-
-
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def run_steps(

@@ -48,10 +48,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def fail(error: BaseException) -> None:
+def fail(error: BaseException, status: int = 2) -> None:
+    """Ends the program with `error` on one line of stderr (status 2: bad input)."""
     logging.debug("Traceback of the error below:", exc_info=error)
     print(f"error: {one_line(error)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -160,8 +161,7 @@ def main(argv):
     except INPUT_ERRORS as error:
         fail(error)
     except FloatingPointError as error:  # a diverged run: the last good checkpoint is kept
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        fail(error, status=1)
     print(" ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 
 

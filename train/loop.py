@@ -361,10 +361,11 @@ def train_and_evaluate(
 
     # Restore: the newest readable checkpoint, the data iterator's position included.
     manager = checkpoint.make_manager(workdir / "checkpoints", keep=config.train.checkpoint_keep)
+    had_checkpoints = bool(manager.all_steps())
     train_iter = new_train_iterator()
     start_step, state, step_rng = restore_run(manager, state, step_rng, train_iter)
-    if start_step == 0:
-        train_iter = new_train_iterator()  # a failed restore may have moved it
+    if had_checkpoints and start_step == 0:
+        train_iter = new_train_iterator()  # every restore failed, and one may have moved it
 
     accum = config.train.grad_accum_steps
     if config.train.parallelism == "pmap":

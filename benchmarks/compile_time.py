@@ -1,20 +1,35 @@
-"""Compile time of the Transformer train step against depth.
+"""Compile time of a train step: cold and from the persistent cache, or against Transformer depth.
 
-With the layers as a scan (`model.scan_layers=True`, the default) XLA compiles one layer and loops
-over it, so compile time stays flat as layers are added; unrolled layers compile one by one.
+Usage (from the repo root):
+  python benchmarks/compile_time.py --model=transformer_small        # cold, then cached: one line
+  python benchmarks/compile_time.py --layers=2,4,8,12 [--scan_layers=true|false] [--remat=false]
 
-Usage (from the repo root; prints one JSON line per depth, then a summary line):
-  python benchmarks/compile_time.py [--layers=2,4,8,12] [--scan_layers=true|false] [--remat=false]
+`--model` (a benchmark of `step_throughput.py`) runs two fresh Python processes one after the other
+that share an empty persistent compilation cache, as two runs of `python -m train` would. Each
+builds the state and a batch, then times tracing and lowering (`lower_s`) and compiling, or loading
+from the cache (`compile_s`), of the train step the loop compiles, and runs it once
+(`first_run_s`). The first process compiles; the second finds the executable in the cache. The
+printed `first_step_compile_s` is lower_s + compile_s: the time before the first step can start.
+
+`--layers` compiles the tiny Transformer at several depths, cache off: with `model.scan_layers=true`
+XLA compiles one layer and loops over it, so compile time stays flat as layers are added; unrolled
+layers (the default, faster to run on CPU) compile one by one.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -22,7 +37,50 @@ import numpy as np  # noqa: E402
 from train import loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "transformer.py"
+CONFIG = REPO / "configs" / "transformer.py"
+
+
+def time_first_step(name: str) -> dict[str, float]:
+    """Lower, compile (or load) and run one train step of benchmark `name`; seconds of each."""
+    import step_throughput  # noqa: PLC0415  (imports jax and the models: only in this mode)
+
+    config = step_throughput.benchmark_config(name, pipeline=False)
+    features = step_throughput.float_features(name, config)
+    host_batch = step_throughput.random_batch(config, features)
+    mesh = loop.make_mesh()
+    state, shardings = step_throughput.init_state(config, mesh, host_batch["inputs"][:1])
+    compiled = loop.compile_jit(mesh, shardings)
+    batch, rng = compiled.put_batch(host_batch), jax.random.key(1)
+    start = time.perf_counter()
+    lowered = compiled.train.lower(state, batch, rng)
+    lowered_at = time.perf_counter()
+    executable = lowered.compile()
+    compiled_at = time.perf_counter()
+    jax.block_until_ready(executable(state, batch, rng))
+    return {
+        "lower_s": lowered_at - start,
+        "compile_s": compiled_at - lowered_at,
+        "first_run_s": time.perf_counter() - compiled_at,
+    }
+
+
+def cold_and_cached(name: str) -> dict:
+    """Runs `--child` twice in fresh processes over one new cache directory."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        runs = []
+        for _ in range(2):
+            command = [sys.executable, __file__, f"--child={name}", f"--cache_dir={cache_dir}"]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+        cache_files = sum(1 for _ in pathlib.Path(cache_dir).rglob("*") if _.is_file())
+    result = {"model": name}
+    for label, run in zip(("cold", "cached"), runs, strict=True):
+        result.update({f"{label}_{key}": round(value, 3) for key, value in run.items()})
+        result[f"{label}_first_step_compile_s"] = round(run["lower_s"] + run["compile_s"], 3)
+    result.update(
+        {"cache_files": cache_files, "loadavg": os.getloadavg()[0], "jax_version": jax.__version__}
+    )
+    return result
 
 
 def compile_seconds(num_layers: int, scan_layers: bool, remat: bool) -> float:
@@ -47,15 +105,8 @@ def compile_seconds(num_layers: int, scan_layers: bool, remat: bool) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", default="2,4,8,12")
-    parser.add_argument("--scan_layers", default="true")
-    parser.add_argument("--remat", default="false")
-    args = parser.parse_args()
+def depth_sweep(depths: list[int], scan: bool, remat: bool) -> None:
     jax.config.update("jax_enable_compilation_cache", False)  # measure real compiles
-    scan, remat = args.scan_layers == "true", args.remat == "true"
-    depths = [int(n) for n in args.layers.split(",")]
     seconds = {}
     for depth in depths:
         seconds[depth] = compile_seconds(depth, scan, remat)
@@ -69,6 +120,26 @@ def main() -> None:
         "jax_version": jax.__version__,
     }
     print(json.dumps(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a benchmark of step_throughput.py: cold and cached")
+    which.add_argument("--layers", help="comma-separated depths of the tiny Transformer")
+    which.add_argument("--child", help=argparse.SUPPRESS)  # one timed process of --model
+    parser.add_argument("--scan_layers", default="true")
+    parser.add_argument("--remat", default="false")
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        loop.setup_compile_cache(args.cache_dir)  # what `python -m train` does
+        print(json.dumps(time_first_step(args.child)))
+    elif args.model:
+        print(json.dumps(cold_and_cached(args.model)))
+    else:
+        depths = [int(n) for n in args.layers.split(",")]
+        depth_sweep(depths, args.scan_layers == "true", args.remat == "true")
 
 
 if __name__ == "__main__":

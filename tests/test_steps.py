@@ -122,7 +122,9 @@ def test_same_losses_on_1_2_and_4_devices_for_dp_fsdp_and_pmap(name):
     config = load_config(CONFIGS / f"{name}.py:tiny")
     config.data.batch_size = 16
     reference, reference_params = run_losses(config, "dp", 1)
-    assert reference[-1] < reference[0]  # the steps do train
+    # The steps do something (losses on 4 different batches differ); whether they train is
+    # checked by test_loss_falls_on_a_fixed_real_batch.
+    assert len(set(reference)) == len(reference)
     for mode, num_devices in LAYOUTS[name]:
         losses, params = run_losses(config, mode, num_devices)
         message = f"{mode} on {num_devices} devices"

@@ -51,6 +51,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from train import data, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -362,19 +364,22 @@ class Runner:
     def __init__(self, train: Callable, state, rng: jax.Array):
         self.train, self.state, self.rng = train, state, rng
 
-    def run(self, num_steps: int, next_batch: Callable[[], Any]) -> None:
-        """n steps; one host sync at the end (the state is donated, so it is replaced each step)."""
-        state = self.state
+    def run(self, num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
+        """n steps (of `train`, if given, on the same state); one host sync at the end (the state
+        is donated, so it is replaced each step)."""
+        state, train = self.state, train or self.train
         for _ in range(num_steps):
-            state, _ = self.train(state, next_batch(), self.rng)
+            state, _ = train(state, next_batch(), self.rng)
         self.state = jax.block_until_ready(state)
 
 
-def estimate_steps(runner: Runner, next_batch: Callable[[], Any], target_s: float) -> int:
+def estimate_steps(
+    runner: Runner, next_batch: Callable[[], Any], target_s: float, train: Callable | None = None
+) -> int:
     """Runs warm steps for about WARMUP_S seconds; returns the step count for about `target_s`."""
     count, start = 0, time.perf_counter()
     while count < 2 or time.perf_counter() - start < WARMUP_S:
-        runner.run(1, next_batch)
+        runner.run(1, next_batch, train)
         count += 1
     step_s = (time.perf_counter() - start) / count
     return max(1, math.ceil(target_s / step_s))
@@ -446,7 +451,8 @@ def run_benchmark(
     state, state_sharding = init_state(config, mesh, host_batch["inputs"][:1])
     compiled = loop.compile_jit(mesh, state_sharding)
     rng = jax.random.key(config.seed + 1)
-    batch = compiled.put_batch(host_batch)  # the fixed batch, in device memory from now on
+    # The fixed batch, in device memory from now on, laid out as the step takes it.
+    batch = jax.device_put(host_batch, NamedSharding(mesh, P(loop.BATCH_AXES)))
 
     start = time.perf_counter()
     executable = compiled.train.lower(state, batch, rng).compile()  # trace, lower and compile
@@ -460,19 +466,28 @@ def run_benchmark(
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
     if pipeline:
-        train_iter = data.train_iterator(config.data, seed=config.seed)
+        # What `python -m train` does: with data.on_device the split is put in device memory and
+        # the host sends batches of indices (see train.loop.compile_jit), else host batches.
+        setup_start = time.perf_counter()
+        on_device = config.data.on_device
+        examples = data.train_examples(config.data) if on_device else None
+        pipe = loop.compile_jit(mesh, state_sharding, train_examples=examples)
+        train_iter = data.train_iterator(config.data, seed=config.seed, indices_only=on_device)
 
         def next_batch():
-            return compiled.put_batch(next(train_iter))
+            return pipe.put_batch(next(train_iter))
 
-        setup_start = time.perf_counter()
-        next_batch()  # opens the data source (and builds a vocabulary) outside the timing
+        runner.run(1, next_batch, pipe.train)  # compiles the gathering step, outside the timing
         pipeline_setup_s = time.perf_counter() - setup_start
-        pipeline_steps = steps or estimate_steps(runner, next_batch, TARGET_REPEAT_S)
+        pipeline_steps = steps or estimate_steps(
+            runner, next_batch, TARGET_REPEAT_S, train=pipe.train
+        )
     for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
         memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
         if pipeline:
-            pipeline_times.append(meter.time(lambda: runner.run(pipeline_steps, next_batch)))
+            pipeline_times.append(
+                meter.time(lambda: runner.run(pipeline_steps, next_batch, pipe.train))
+            )
 
     peak = matmul_peak_gflops(4096, peak_repeats)
     peak_2048 = matmul_peak_gflops(2048, peak_repeats)
@@ -524,6 +539,7 @@ def run_benchmark(
                 "pipeline_setup_s": pipeline_setup_s,
                 "dataset": config.data.dataset,
                 "num_workers": config.data.num_workers,
+                "on_device": config.data.on_device,
             }
         )
         if BENCHMARKS[name].pipeline_note:

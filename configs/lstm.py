@@ -33,6 +33,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.seq_len = 64  # tokens per sentence after padding/truncation (99% of SST-2 fits)
     config.data.vocab_size = 16384  # most frequent training words, <pad> and <unk> included
     config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+    config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adam"  # sgd (with momentum) | adam | adamw

@@ -28,6 +28,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.seq_len = 0  # unused by image data
     config.data.vocab_size = 0  # unused by image data
     config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+    config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # sgd (with momentum) | adam | adamw

@@ -42,6 +42,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.seq_len = 128  # characters per training window
     config.data.vocab_size = 0  # unused: the character vocabulary is read off the training text
     config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+    config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # sgd (with momentum) | adam | adamw

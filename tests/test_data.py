@@ -238,6 +238,22 @@ def test_same_seed_same_batches_and_state_restores(dataset, data_dir):
     assert_batches_equal(take(restored, 2), expected)
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "tiny_shakespeare", "glue/sst2"])
+def test_index_batches_gather_the_host_batches(dataset, data_dir):
+    # What the loop does with data.on_device: the split once, then batches of row indices.
+    config = data_config(data_dir, dataset, batch_size=32)
+    examples = data.train_examples(config)
+    assert set(examples) == {"inputs", "targets"}
+    assert not any(v.flags.writeable for v in examples.values())  # cached and shared
+    batches = take(data.train_iterator(config, seed=3), 3)
+    index_batches = take(data.train_iterator(config, seed=3, indices_only=True), 3)
+    for batch, index_batch in zip(batches, index_batches, strict=True):
+        assert index_batch.keys() == {"indices"} and index_batch["indices"].dtype == np.int32
+        gathered = {k: v[index_batch["indices"]] for k, v in examples.items()}
+        gathered["weights"] = np.ones(batch["targets"].shape, np.float32)
+        assert_batches_equal([gathered], [batch])
+
+
 def example_ids(batches: list[dict], data_dir: str, split: str) -> np.ndarray:
     """Which example of an MNIST split each row of `batches` is, int [num_batches * b]."""
     images, _ = data._image_arrays("mnist", data_dir, split)

@@ -51,6 +51,27 @@ def test_tiny_config_trains_end_to_end(name, tmp_path):
         assert all(len(s) == config.train.sample_length + 1 for s in samples)  # + the newline
 
 
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_split_in_device_memory_trains_like_host_batches(name, tmp_path):
+    # data.on_device gathers each batch inside the step from the split held on the devices; the
+    # batches, and so the run, must be those of the host pipeline. 4 devices (conftest): the
+    # gathered rows are laid out over the mesh like host batches.
+    config = load_config(CONFIGS / f"{name}.py:tiny")
+    config.train.num_steps, config.train.log_every = 12, 3
+    config.train.eval_every = config.train.checkpoint_every = 12
+    runs = {}
+    for on_device in (True, False):
+        config.data.on_device = on_device
+        state, _ = loop.train_and_evaluate(config, tmp_path / str(on_device))
+        losses = [
+            r["train/loss"] for r in read_metrics(tmp_path / str(on_device) / "metrics.jsonl")
+        ]
+        runs[on_device] = (losses, jax.device_get(state.params))
+    assert len(runs[True][0]) == 4 and len(set(runs[True][0])) == 4
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-6)
+    chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
+
+
 def test_resume_continues_exactly(tmp_path):
     """A run restarted from its step-100 checkpoint ends bitwise equal to the uninterrupted run."""
     config = load_config(CONFIGS / "mlp.py:tiny")

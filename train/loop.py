@@ -86,23 +86,68 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(jnp.shape(x), fsdp_size)), state)
 
 
-def compile_jit(mesh: Mesh, state_sharding: Any, grad_accum_steps: int = 1) -> Compiled:
+def compile_jit(
+    mesh: Mesh,
+    state_sharding: Any,
+    grad_accum_steps: int = 1,
+    train_examples: dict[str, np.ndarray] | None = None,
+) -> Compiled:
     """jit over the mesh: the batch is split along its first axis over all devices, the state is
     replicated (data parallel) or sharded over `fsdp` (see `param_spec`), and XLA inserts the
-    collectives. The state is donated: its buffers are reused for the new state."""
+    collectives. The state is donated: its buffers are reused for the new state.
+
+    With `train_examples` (every training example, as `data.train_examples` gives them) the split
+    is copied to every device once, and `train` takes batches of example *indices*
+    (`{"indices": int32 [b]}`, from `data.train_iterator(..., indices_only=True)`) and gathers the
+    examples inside the compiled step: per step, one small array crosses from the host instead of
+    the whole batch. On this 2-core CPU that is what lets a 0.6 ms MLP step run at the speed of a
+    batch already in memory; on an accelerator it takes the host-to-device copy off every step.
+    `eval` still takes host batches.
+    """
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    train = jax.jit(
-        functools.partial(steps.train_step, grad_accum_steps=grad_accum_steps),
-        in_shardings=(state_sharding, batch_sharding, replicated),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0,
-    )
+    step = functools.partial(steps.train_step, grad_accum_steps=grad_accum_steps)
+    shardings = dict(out_shardings=(state_sharding, replicated), donate_argnums=0)
+    if train_examples is None:
+        train = jax.jit(
+            step, in_shardings=(state_sharding, batch_sharding, replicated), **shardings
+        )
+    else:
+
+        def gather_and_train(state, examples, index_batch, rng):
+            indices = index_batch["indices"]  # [b]
+            # Rows gathered from a 2-D view: XLA:CPU's gather is faster on [n, features] rows.
+            batch = {
+                k: jnp.take(v.reshape(len(v), -1), indices, axis=0, mode="clip").reshape(
+                    indices.shape + v.shape[1:]
+                )
+                for k, v in examples.items()
+            }
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)  # rows stay local
+            return step(state, batch, rng)
+
+        gather_train = jax.jit(
+            gather_and_train,
+            in_shardings=(state_sharding, replicated, batch_sharding, replicated),
+            **shardings,
+        )
+        on_device = {  # the same arrays on every device; valid with many processes too
+            k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
+            for k, v in train_examples.items()
+        }
+
+        def train(state, index_batch, rng):
+            return gather_train(state, on_device, index_batch, rng)
+
     evaluate = jax.jit(
         steps.eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=replicated
     )
 
     def put_batch(batch):
+        if jax.process_count() == 1:
+            # jit copies numpy arguments to their in_shardings itself, about 10x faster per array
+            # than a separate device_put (9 us against 70 us on this CPU).
+            return batch
         # Each process holds its own rows; together they form the global batch.
         return {
             k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()
@@ -351,12 +396,16 @@ def train_and_evaluate(
         workdir.mkdir(parents=True, exist_ok=True)
         write_config(config, workdir)
 
+    # The training split in device memory, batches of indices from the host (see compile_jit).
+    on_device = config.data.on_device and config.train.parallelism == "jit"
+
     def new_train_iterator():
         return data.train_iterator(
             config.data,
             seed=config.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            indices_only=on_device,
         )
 
     # Restore: the newest readable checkpoint, the data iterator's position included.
@@ -371,7 +420,8 @@ def train_and_evaluate(
     if config.train.parallelism == "pmap":
         compiled = compile_pmap(grad_accum_steps=accum)
     else:
-        compiled = compile_jit(mesh, shardings, grad_accum_steps=accum)
+        examples = data.train_examples(config.data) if on_device else None
+        compiled = compile_jit(mesh, shardings, grad_accum_steps=accum, train_examples=examples)
     writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
     try:
         with stop_signals() as received:

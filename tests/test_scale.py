@@ -110,8 +110,8 @@ def test_second_run_compiles_from_the_persistent_cache(tmp_path):
     ]
     cold = finish(start([*arguments, f"--workdir={tmp_path / 'a'}"], num_devices=1))
     warm = finish(start([*arguments, f"--workdir={tmp_path / 'b'}"], num_devices=1))
-    cold_seconds, cold_source = first_step(cold)
-    warm_seconds, warm_source = first_step(warm)
+    # The sources come from JAX's cache-hit event. How much time the cache saves is measured by
+    # benchmarks/compile_time.py, not asserted here (timings vary with the machine's load).
+    (_, cold_source), (_, warm_source) = first_step(cold), first_step(warm)
     assert cold_source == "compiled" and warm_source == "from the compilation cache"
-    assert warm_seconds < cold_seconds / 3, (cold_seconds, warm_seconds)
     assert any(cache.iterdir())

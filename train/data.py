@@ -16,11 +16,12 @@ example: positions k * B .. k * B + B - 1 (B = `data.batch_size`) of an endless 
 position p is example `permutation(p // n)[p % n]`, epoch e being its own permutation of the n
 training examples, seeded with (seed, e) and cached while it is read. So every batch is full, epochs
 follow one another without mixing, batches straddle epoch boundaries, and the same seed gives the
-same batches. Process p computes and reads only its rows [p * b, (p + 1) * b) of each global batch:
-a gather from the decoded split, or one batched `__getitems__` call for SST-2 (2.6x faster than one
-read per example). So processes read disjoint examples, their batches concatenated in process order
-are exactly the single-process global batch, and the checkpointed iterator state (one integer,
-`next_index`: the next global batch) means the same thing for any process count. grain still
+same batches. Process p computes and gathers only its rows [p * b, (p + 1) * b) of each global
+batch from the split, which is decoded once into arrays (`train_examples`: MNIST images as float32,
+text already cut into windows or tokenized). So processes read disjoint examples, their batches
+concatenated in process order are exactly the single-process global batch, and the checkpointed
+iterator state (one integer, `next_index`: the next global batch) means the same thing for any
+process count. grain still
 iterates, checkpoints and (with `data.num_workers` threads) reads ahead.
 
 Why whole batches: measured on a 2-core CPU for MNIST at batch 128, grain shuffling, repeating and
@@ -205,13 +206,15 @@ def train_examples(data_config: ml_collections.ConfigDict) -> Batch:
     windows of character ids, SST-2 sentences as padded word ids): a training batch is these
     arrays gathered at the batch's indices. Read-only; MNIST's is 188 MB, the others a few MB.
     """
-    return _train_examples(
+    examples = _split_examples(
         data_config.dataset,
         resolve_data_dir(data_config),
         data_config.train_split,
         data_config.seq_len,
         data_config.vocab_size,
+        training=True,
     )
+    return {"inputs": examples["inputs"], "targets": examples["targets"]}
 
 
 def eval_batches(
@@ -234,12 +237,13 @@ def eval_batches(
       (1 for real target tokens) and [b] for classifiers.
     """
     batch_size = _process_batch_size(data_config.batch_size, process_index, process_count)
-    examples = _eval_examples(
+    examples = _split_examples(
         data_config.dataset,
         resolve_data_dir(data_config),
         data_config.eval_split,
         data_config.seq_len,
         data_config.vocab_size,
+        training=False,
     )
     num_examples = len(examples["targets"])
     num_batches = -(-num_examples // data_config.batch_size)
@@ -468,39 +472,16 @@ def _check_seq_len(seq_len: int, dataset: str) -> int:
     return seq_len
 
 
-@functools.lru_cache(maxsize=4)
-def _train_examples(
-    dataset: str, data_dir: str, split: str, seq_len: int, vocab_size: int
-) -> Batch:
-    kind = _kind(dataset, data_dir)
-    if kind == "image":
-        images, labels = _image_arrays(dataset, data_dir, split)  # read-only already: no copy
-        examples = {"inputs": images, "targets": labels}
-    elif kind == "characters":
-        _check_seq_len(seq_len, dataset)
-        ids = _load_info(dataset, data_dir, vocab_size).encode(
-            _split_text(dataset, data_dir, split)
-        )
-        num_windows = max(len(ids) - 1, 0) // seq_len  # whole windows only
-        examples = _window_batch(ids, seq_len, np.arange(num_windows))
-    else:
-        _check_seq_len(seq_len, dataset)
-        source = _source(dataset, data_dir, split)
-        info = _load_info(dataset, data_dir, vocab_size)
-        examples = _sentence_batch(source, info, seq_len, np.arange(len(source)))
-    examples.pop("weights", None)
-    if len(examples["targets"]) < 1:
-        raise ValueError(
-            f"Split {split!r} of {dataset!r} in {data_dir} holds no training examples."
-        )
-    for array in examples.values():
-        array.flags.writeable = False  # cached: shared by every batch and iterator
-    return examples
-
-
 @functools.lru_cache(maxsize=8)
-def _eval_examples(dataset: str, data_dir: str, split: str, seq_len: int, vocab_size: int) -> Batch:
-    """Every example of an eval split as arrays with a leading example axis (read-only, cached)."""
+def _split_examples(
+    dataset: str, data_dir: str, split: str, seq_len: int, vocab_size: int, training: bool
+) -> Batch:
+    """Every example of a split as arrays with a leading example axis (read-only, cached).
+
+    `inputs`, `targets` and `weights`. For training, text is cut into whole windows only and the
+    split must not be empty; for evaluation a last partial window is kept (zero-padded, weight 0)
+    so that no target token is dropped, and a split without labels is refused.
+    """
     kind = _kind(dataset, data_dir)
     if kind == "image":
         images, labels = _image_arrays(dataset, data_dir, split)  # read-only already: no copy
@@ -511,11 +492,12 @@ def _eval_examples(dataset: str, data_dir: str, split: str, seq_len: int, vocab_
         info = _load_info(dataset, data_dir, vocab_size)
         ids = info.encode(_split_text(dataset, data_dir, split))
         num_targets = max(len(ids) - 1, 0)
-        # Unlike training, keep a last partial window (zero-padded, weight 0): no token is dropped.
-        num_windows = -(-num_targets // seq_len)
-        padded = np.zeros(num_windows * seq_len + 1, np.int32)
-        padded[: len(ids)] = ids
-        examples = _window_batch(padded, seq_len, np.arange(num_windows))
+        if training:  # whole windows only
+            num_windows = num_targets // seq_len
+        else:  # a last partial window too, zero-padded, weight 0 beyond the text
+            num_windows = -(-num_targets // seq_len)
+            ids = np.pad(ids, (0, num_windows * seq_len + 1 - len(ids)))
+        examples = _window_batch(ids, seq_len, np.arange(num_windows))
         positions = np.arange(num_windows * seq_len).reshape(num_windows, seq_len)
         examples["weights"] = (positions < num_targets).astype(np.float32)  # [windows, seq_len]
     else:
@@ -524,13 +506,17 @@ def _eval_examples(dataset: str, data_dir: str, split: str, seq_len: int, vocab_
         examples = _sentence_batch(
             source, _load_info(dataset, data_dir, vocab_size), seq_len, np.arange(len(source))
         )
-        if (examples["targets"] < 0).any():
+        if not training and (examples["targets"] < 0).any():
             raise ValueError(
                 f"Split {split!r} of {dataset!r} has no labels (label -1; GLUE hides test labels); "
                 f"set data.eval_split to 'validation'."
             )
+    if training and len(examples["targets"]) < 1:
+        raise ValueError(
+            f"Split {split!r} of {dataset!r} in {data_dir} holds no training examples."
+        )
     for array in examples.values():
-        array.flags.writeable = False  # cached: a caller must not change what the next pass sees
+        array.flags.writeable = False  # cached: a caller must not change what the next use sees
     return examples
 
 

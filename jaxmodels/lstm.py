@@ -29,7 +29,7 @@ def _lstm_params(module: nn.Module, num_features: int, hidden_size: int):
     return input_kernel, recurrent_kernel, bias
 
 
-def _lstm_step(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
+def _lstm_update(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
     """One LSTM step given the input part of the gates, `x_t @ input_kernel + bias`.
 
     The matmul runs in the dtype of `recurrent_kernel` (the computation dtype). The cell state `c`
@@ -44,22 +44,25 @@ def _lstm_step(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array
       input_gates: `[batch, 4 * hidden_size]`.
 
     Returns:
-      `((c', h'), h')`; `c'` float32, `h'` in the dtype of `recurrent_kernel`.
+      `(c', h', activations)`: `c'` float32, `h'` in the dtype of `recurrent_kernel`, and the
+      float32 gate activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), stacked like the gates
+      `[batch, 4 * hidden_size]` (what the backward pass of `lstm_recurrence` needs).
     """
     c, h = carry
     dtype = recurrent_kernel.dtype
     gates = input_gates + h.astype(dtype) @ recurrent_kernel  # [batch, 4 * hidden_size]
     gates = gates.astype(jnp.float32)  # gate nonlinearities and the c update in float32
     i, f, g, o = jnp.split(gates, 4, axis=-1)  # each [batch, hidden_size]
-    c = nn.sigmoid(f) * c.astype(jnp.float32) + nn.sigmoid(i) * jnp.tanh(g)
-    h = (nn.sigmoid(o) * jnp.tanh(c)).astype(dtype)
+    i, f, g, o = nn.sigmoid(i), nn.sigmoid(f), jnp.tanh(g), nn.sigmoid(o)
+    c = f * c.astype(jnp.float32) + i * g
+    h = (o * jnp.tanh(c)).astype(dtype)
+    return c, h, jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def _lstm_step(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
+    """`_lstm_update` as a scan body: `((c', h'), h')`."""
+    c, h, _ = _lstm_update(recurrent_kernel, carry, input_gates)
     return (c, h), h
-
-
-def _gate_activations(gates: jax.Array) -> jax.Array:
-    """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), stacked like the gates: `[..., 4 * hidden]`."""
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    return jnp.concatenate([nn.sigmoid(i), nn.sigmoid(f), jnp.tanh(g), nn.sigmoid(o)], axis=-1)
 
 
 @jax.custom_vjp
@@ -95,12 +98,7 @@ def _recurrence_forward(recurrent_kernel: jax.Array, input_gates: jax.Array):
     batch, hidden = input_gates.shape[1], recurrent_kernel.shape[0]
 
     def step(carry: Carry, gates_t: jax.Array):
-        c, h = carry
-        gates = (gates_t + h @ recurrent_kernel).astype(jnp.float32)  # [batch, 4 * hidden]
-        acts = _gate_activations(gates)  # float32, as in _lstm_step
-        i, f, g, o = jnp.split(acts, 4, axis=-1)
-        c = f * c + i * g
-        h = (o * jnp.tanh(c)).astype(dtype)
+        c, h, acts = _lstm_update(recurrent_kernel, carry, gates_t)
         return (c, h), (h, c, acts)
 
     carry = (jnp.zeros((batch, hidden), jnp.float32), jnp.zeros((batch, hidden), dtype))

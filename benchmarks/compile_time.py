@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train import loop  # noqa: E402
@@ -48,7 +49,8 @@ def time_first_step(name: str) -> dict[str, float]:
     features = step_throughput.float_features(name, config)
     host_batch = step_throughput.random_batch(config, features)
     mesh = loop.make_mesh()
-    state, shardings = step_throughput.init_state(config, mesh, host_batch["inputs"][:1])
+    example = jnp.asarray(host_batch["inputs"][:1])
+    state, shardings = loop.init_state(config, mesh, jax.random.key(config.seed), example)
     compiled = loop.compile_jit(mesh, shardings)
     batch, rng = compiled.put_batch(host_batch), jax.random.key(1)
     start = time.perf_counter()

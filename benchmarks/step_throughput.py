@@ -12,14 +12,15 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `python -m train` runs.
 
 Modes:
-  memory    one fixed random batch, put on device once with the loop's `put_batch`. Tracing,
+  memory    one fixed random batch, put on device once, laid out as the step takes it. Tracing,
             lowering and compiling the step gives `compile_s` (`first_step_s` adds its first run);
             then `--repeats` times `--steps` steps, with one `jax.block_until_ready` at the end of
             each repeat.
-  pipeline  the same steps, each batch read by `train.data.train_iterator` from the prepared data
-            and put on device with `put_batch`. Repeats alternate with memory-mode repeats of the
-            same config in the same process (A B A B, as load on this machine drifts), which
-            gives `share_of_memory_throughput`.
+  pipeline  the same steps fed the way `python -m train` feeds them: with `data.on_device` the
+            split is held in device memory and `train.data.train_iterator` sends batch indices,
+            else it reads whole batches; either goes through the loop's `put_batch`. Repeats
+            alternate with memory-mode repeats of the same config in the same process (A B A B,
+            as load on this machine drifts), which gives `share_of_memory_throughput`.
 
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
 there), `xla_flops_per_step` XLA's cost analysis of the compiled step, and `peak_gflops` the median
@@ -32,7 +33,6 @@ other processes used during the timed repeats, in cores, from /proc/stat minus t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -56,7 +56,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from train import data, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.state import create_train_state  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
 TARGET_REPEAT_S = 4.0  # default --steps: about this many seconds per repeat
@@ -298,28 +297,6 @@ def random_batch(config: ml_collections.ConfigDict, features: int, seed: int = 0
     return {"inputs": inputs, "targets": targets, "weights": np.ones(targets.shape, np.float32)}
 
 
-def init_state(config: ml_collections.ConfigDict, mesh, example: np.ndarray):
-    """A TrainState laid out over `mesh` the way `train.loop` lays it out, and its shardings.
-
-    Like `train.loop.init_state`, but with an example input row, since the float-feature LSTM's
-    inputs are not what `train.state.example_inputs` makes for its data set.
-
-    Returns:
-      (state, state shardings: a tree like the state).
-    """
-    create = functools.partial(create_train_state, config)
-    rng, example = jax.random.key(config.seed), jnp.asarray(example)
-    abstract = jax.eval_shape(create, rng, example)
-    shardings = loop.state_shardings(abstract, mesh)
-    # jit sees the arrays only: the static parts (apply_fn, tx) come from `abstract`, so the state
-    # and its shardings have the same tree structure.
-    leaves = jax.jit(
-        lambda rng, x: jax.tree.leaves(create(rng, x)), out_shardings=jax.tree.leaves(shardings)
-    )(rng, example)
-    state = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
-    return state, shardings
-
-
 def read_loadavg() -> float:
     """The one-minute load average (first field of /proc/loadavg)."""
     return float(pathlib.Path("/proc/loadavg").read_text().split()[0])
@@ -448,7 +425,9 @@ def run_benchmark(
     host_batch = random_batch(config, features)
 
     mesh = loop.make_mesh()
-    state, state_sharding = init_state(config, mesh, host_batch["inputs"][:1])
+    state, state_sharding = loop.init_state(
+        config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
+    )
     compiled = loop.compile_jit(mesh, state_sharding)
     rng = jax.random.key(config.seed + 1)
     # The fixed batch, in device memory from now on, laid out as the step takes it.

@@ -333,10 +333,14 @@ def stop_requested(received: list[str]) -> bool:
 
 
 def init_state(
-    config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array
+    config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array, inputs: Any = None
 ) -> tuple[TrainState, Any]:
-    """A fresh TrainState created directly with its shardings, and those shardings."""
-    create = functools.partial(create_train_state, config)
+    """A fresh TrainState created directly with its shardings, and those shardings.
+
+    `inputs` is an example batch of model inputs (default: `state.example_inputs(config)`), for
+    models fed something other than their data set gives, like the benchmark's float-feature LSTM.
+    """
+    create = functools.partial(create_train_state, config, inputs=inputs)
     abstract = jax.eval_shape(create, rng)
     shardings = state_shardings(abstract, mesh)
     # jit sees the arrays only: the state's static parts (apply_fn, tx) come from `abstract`, so

@@ -449,8 +449,8 @@ def run_benchmark(
         # the host sends batches of indices (see train.loop.compile_jit), else host batches.
         setup_start = time.perf_counter()
         on_device = config.data.on_device
-        examples = data.train_examples(config.data) if on_device else None
-        pipe = loop.compile_jit(mesh, state_sharding, train_examples=examples)
+        examples, decode = data.device_examples(config.data) if on_device else (None, None)
+        pipe = loop.compile_jit(mesh, state_sharding, train_examples=examples, decode=decode)
         train_iter = data.train_iterator(config.data, seed=config.seed, indices_only=on_device)
 
         def next_batch():

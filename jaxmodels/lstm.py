@@ -194,9 +194,12 @@ class LSTMLayer(nn.Module):
         input_kernel, recurrent_kernel, bias = (p.astype(self.dtype) for p in params)
         # The input projection does not depend on the state: one big matmul for all steps keeps
         # only the small [batch, hidden] @ [hidden, 4 * hidden] matmul inside the sequential scan.
-        input_gates = x.astype(self.dtype) @ input_kernel + bias  # [batch, seq_len, 4 * hidden]
-        # The recurrence scans over the leading axis, so run it time-major and swap back.
-        h = lstm_recurrence(recurrent_kernel, jnp.swapaxes(input_gates, 0, 1))
+        # The recurrence scans over the leading axis, so it runs time-major. Swap the layer's
+        # input and output (features and hidden wide), never the 4 x hidden wide gates: a
+        # quarter of the bytes moved (lstm benchmark step 207 ms against 218 ms, interleaved A/B).
+        x_by_time = jnp.swapaxes(x.astype(self.dtype), 0, 1)  # [seq_len, batch, features]
+        input_gates = x_by_time @ input_kernel + bias  # [seq_len, batch, 4 * hidden]
+        h = lstm_recurrence(recurrent_kernel, input_gates)  # [seq_len, batch, hidden]
         return jnp.swapaxes(h, 0, 1)  # [batch, seq_len, hidden_size]
 
 

@@ -21,8 +21,7 @@ batch from the split, which is decoded once into arrays (`train_examples`: MNIST
 text already cut into windows or tokenized). So processes read disjoint examples, their batches
 concatenated in process order are exactly the single-process global batch, and the checkpointed
 iterator state (one integer, `next_index`: the next global batch) means the same thing for any
-process count. grain still
-iterates, checkpoints and (with `data.num_workers` threads) reads ahead.
+process count. grain still iterates, checkpoints and (with `data.num_workers` threads) reads ahead.
 
 Why whole batches: measured on a 2-core CPU for MNIST at batch 128, grain shuffling, repeating and
 batching single example indices (one Python element each) cost 1.5 ms per batch, over twice the
@@ -153,7 +152,9 @@ def train_iterator(
     """
     global_batch_size = data_config.batch_size
     batch_size = _process_batch_size(global_batch_size, process_index, process_count)
-    examples = train_examples(data_config)
+    # Batches of indices read nothing but the split's size: take it from the arrays the devices
+    # hold, so the device path never builds the host's float32 copy of MNIST.
+    examples = device_examples(data_config)[0] if indices_only else train_examples(data_config)
     example_indices = _shuffled_stream(len(examples["targets"]), seed)
     first_row = process_index * batch_size
 
@@ -233,12 +234,16 @@ def device_examples(
     188 MB) and to gather per step: the benchmark MLP's step took 576 us instead of 596 us on a
     2-core CPU.
     """
-    examples = train_examples(data_config)  # checks the split
-    data_dir = resolve_data_dir(data_config)
-    if _kind(data_config.dataset, data_dir) == "image":
-        pixels, labels = _image_pixels(data_config.dataset, data_dir, data_config.train_split)
-        return {"inputs": pixels, "targets": labels}, _decode_images
-    return examples, None
+    dataset, split, data_dir = (
+        data_config.dataset,
+        data_config.train_split,
+        resolve_data_dir(data_config),
+    )
+    if _kind(dataset, data_dir) != "image":
+        return train_examples(data_config), None
+    pixels, labels = _image_pixels(dataset, data_dir, split)
+    _check_has_training_examples(len(labels), dataset, split, data_dir)
+    return {"inputs": pixels, "targets": labels}, _decode_images
 
 
 def eval_batches(
@@ -519,6 +524,15 @@ def _check_seq_len(seq_len: int, dataset: str) -> int:
     return seq_len
 
 
+def _check_has_training_examples(
+    num_examples: int, dataset: str, split: str, data_dir: str
+) -> None:
+    if num_examples < 1:
+        raise ValueError(
+            f"Split {split!r} of {dataset!r} in {data_dir} holds no training examples."
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def _split_examples(
     dataset: str, data_dir: str, split: str, seq_len: int, vocab_size: int, training: bool
@@ -558,10 +572,8 @@ def _split_examples(
                 f"Split {split!r} of {dataset!r} has no labels (label -1; GLUE hides test labels); "
                 f"set data.eval_split to 'validation'."
             )
-    if training and len(examples["targets"]) < 1:
-        raise ValueError(
-            f"Split {split!r} of {dataset!r} in {data_dir} holds no training examples."
-        )
+    if training:
+        _check_has_training_examples(len(examples["targets"]), dataset, split, data_dir)
     for array in examples.values():
         array.flags.writeable = False  # cached: a caller must not change what the next use sees
     return examples

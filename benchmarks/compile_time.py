@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train import loop  # noqa: E402
@@ -45,16 +44,10 @@ def time_first_step(name: str) -> dict[str, float]:
     """Lower, compile (or load) and run one train step of benchmark `name`; seconds of each."""
     import step_throughput  # noqa: PLC0415  (imports jax and the models: only in this mode)
 
-    config = step_throughput.benchmark_config(name, pipeline=False)
-    features = step_throughput.float_features(name, config)
-    host_batch = step_throughput.random_batch(config, features)
-    mesh = loop.make_mesh()
-    example = jnp.asarray(host_batch["inputs"][:1])
-    state, shardings = loop.init_state(config, mesh, jax.random.key(config.seed), example)
-    compiled = loop.compile_jit(mesh, shardings)
-    batch, rng = compiled.put_batch(host_batch), jax.random.key(1)
+    setup = step_throughput.build(name)  # the same state and step as the throughput benchmark
+    state, batch, rng = setup.state, setup.batch, jax.random.key(1)
     start = time.perf_counter()
-    lowered = compiled.train.lower(state, batch, rng)
+    lowered = setup.compiled.train.lower(state, batch, rng)
     lowered_at = time.perf_counter()
     executable = lowered.compile()
     compiled_at = time.perf_counter()

@@ -297,6 +297,34 @@ def random_batch(config: ml_collections.ConfigDict, features: int, seed: int = 0
     return {"inputs": inputs, "targets": targets, "weights": np.ones(targets.shape, np.float32)}
 
 
+class Setup(NamedTuple):
+    """A benchmark model ready to step: what `build` returns."""
+
+    config: ml_collections.ConfigDict
+    features: int  # float input features (0: the config's own inputs)
+    mesh: Any
+    state: Any  # a fresh TrainState laid out over `mesh` as the loop lays it out
+    state_sharding: Any
+    compiled: loop.Compiled  # the loop's jit steps
+    batch: dict  # a fixed random batch in device memory, laid out as the step takes it
+
+
+def build(name: str, pipeline: bool = False) -> Setup:
+    """Benchmark `name` built as `python -m train` builds it: through the model table, the loop's
+    state initialisation and its compiled steps (also used by compile_time.py)."""
+    config = benchmark_config(name, pipeline)
+    loop.check_batch_size(config)
+    features = float_features(name, config)
+    host_batch = random_batch(config, features)
+    mesh = loop.make_mesh()
+    state, state_sharding = loop.init_state(
+        config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
+    )
+    compiled = loop.compile_jit(mesh, state_sharding)
+    batch = jax.device_put(host_batch, NamedSharding(mesh, P(loop.BATCH_AXES)))
+    return Setup(config, features, mesh, state, state_sharding, compiled, batch)
+
+
 def read_loadavg() -> float:
     """The one-minute load average (first field of /proc/loadavg)."""
     return float(pathlib.Path("/proc/loadavg").read_text().split()[0])
@@ -419,19 +447,8 @@ def run_benchmark(
         raise ValueError(f"Unknown mode {mode!r}; use 'memory' or 'pipeline'.")
     loadavg = read_loadavg()
     pipeline = mode == "pipeline"
-    config = benchmark_config(name, pipeline)
-    loop.check_batch_size(config)
-    features = float_features(name, config)
-    host_batch = random_batch(config, features)
-
-    mesh = loop.make_mesh()
-    state, state_sharding = loop.init_state(
-        config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
-    )
-    compiled = loop.compile_jit(mesh, state_sharding)
+    config, features, mesh, state, state_sharding, compiled, batch = build(name, pipeline)
     rng = jax.random.key(config.seed + 1)
-    # The fixed batch, in device memory from now on, laid out as the step takes it.
-    batch = jax.device_put(host_batch, NamedSharding(mesh, P(loop.BATCH_AXES)))
 
     start = time.perf_counter()
     executable = compiled.train.lower(state, batch, rng).compile()  # trace, lower and compile

@@ -30,7 +30,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.1
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.scan_layers = False  # True: one scanned layer, compile time flat in depth
-    config.model.query_chunk = 64  # causal attention in query chunks; skips masked key blocks
+    config.model.query_chunks = 2  # causal attention in query chunks; skips masked key blocks
     config.model.remat = False  # recompute activations in backward: less memory
 
     config.data = ml_collections.ConfigDict()

@@ -241,7 +241,7 @@ def test_lstm_tokens_need_embed_dim():
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(scan_layers=True), dict(scan_layers=False, query_chunk=0), dict(query_chunk=3)],
+    [dict(scan_layers=True), dict(scan_layers=False, query_chunks=1), dict(query_chunks=3)],
     ids=["scan", "unrolled-full-scores", "chunks-3-3-1"],
 )
 def test_transformer_decoder_is_causal(fields, small):
@@ -329,13 +329,13 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
     jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_grads, grads)
 
 
-@pytest.mark.parametrize("query_chunk", [1, 2, 3, 5])
-def test_chunked_causal_attention_matches_full_scores(query_chunk):
+@pytest.mark.parametrize("num_chunks", [7, 4, 3, 2])
+def test_chunked_causal_attention_matches_full_scores(num_chunks):
     # Chunks skip only key blocks whose weights are exactly 0, so the outputs agree to round-off;
-    # 7 positions cover even, uneven (3, 3, 1) and single-chunk-plus-rest splits.
+    # 7 positions in chunks of 1, 2, 3 or 4 cover even, uneven (3, 3, 1) and (4, 3) splits.
     q, k, v = (random_normal(seed, (2, 7, 3, 4)) for seed in (1, 2, 3))  # [b, t, heads, d]
-    full = causal_attention(q, k, v, query_chunk=0)
-    np.testing.assert_allclose(causal_attention(q, k, v, query_chunk), full, rtol=1e-6, atol=1e-6)
+    full = causal_attention(q, k, v, num_chunks=1)
+    np.testing.assert_allclose(causal_attention(q, k, v, num_chunks), full, rtol=1e-6, atol=1e-6)
     # And full scores are the textbook masked softmax.
     scores = np.einsum("bqhd,bkhd->bhqk", q, k)
     scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)

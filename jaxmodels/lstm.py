@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Carry = tuple[jax.Array, jax.Array]  # (c, h), each [batch, hidden_size]; c float32, h in dtype
 
@@ -27,6 +28,32 @@ def _lstm_params(module: nn.Module, num_features: int, hidden_size: int):
     )
     bias = module.param("bias", nn.initializers.zeros_init(), (4 * hidden_size,))
     return input_kernel, recurrent_kernel, bias
+
+
+def _gate_constants(hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column `(scale, shift)` of the stacked gates i, f, g, o for `_activate_gates`.
+
+    sigmoid(x) = 0.5 * tanh(0.5 * x) + 0.5, so every gate is `scale * tanh(scale * x) + shift`:
+    scale 0.5 and shift 0.5 for the sigmoid gates i, f, o, and scale 1, shift 0 for tanh(g).
+    """
+    scale = np.full(4 * hidden_size, 0.5, np.float32)
+    shift = np.full(4 * hidden_size, 0.5, np.float32)
+    scale[2 * hidden_size : 3 * hidden_size] = 1.0
+    shift[2 * hidden_size : 3 * hidden_size] = 0.0
+    return scale, shift
+
+
+def _activate_gates(gates: jax.Array) -> jax.Array:
+    """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) of float32 `[..., 4 * hidden]` stacked gates.
+
+    One tanh over all gates with per-column constants (see `_gate_constants`) instead of three
+    sigmoids and a tanh over four slices: XLA:CPU fuses it into a single pass over the gates, and
+    the recurrence runs one such pass per time step (the forward scan of one benchmark layer, 100
+    steps of batch 64 x 128 units: 26.2 -> 14.2 ms, against 11.6 ms for its matmuls alone). Agrees
+    with `jax.nn.sigmoid` to float32 round-off (2.4e-7 in that test).
+    """
+    scale, shift = _gate_constants(gates.shape[-1] // 4)
+    return scale * jnp.tanh(scale * gates) + shift
 
 
 def _lstm_update(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
@@ -51,12 +78,11 @@ def _lstm_update(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Arr
     c, h = carry
     dtype = recurrent_kernel.dtype
     gates = input_gates + h.astype(dtype) @ recurrent_kernel  # [batch, 4 * hidden_size]
-    gates = gates.astype(jnp.float32)  # gate nonlinearities and the c update in float32
-    i, f, g, o = jnp.split(gates, 4, axis=-1)  # each [batch, hidden_size]
-    i, f, g, o = nn.sigmoid(i), nn.sigmoid(f), jnp.tanh(g), nn.sigmoid(o)
+    acts = _activate_gates(gates.astype(jnp.float32))  # nonlinearities and the c update: float32
+    i, f, g, o = jnp.split(acts, 4, axis=-1)  # each [batch, hidden_size]
     c = f * c.astype(jnp.float32) + i * g
     h = (o * jnp.tanh(c)).astype(dtype)
-    return c, h, jnp.concatenate([i, f, g, o], axis=-1)
+    return c, h, acts
 
 
 def _lstm_step(recurrent_kernel: jax.Array, carry: Carry, input_gates: jax.Array):
@@ -113,6 +139,11 @@ def _recurrence_backward(residuals, d_hs: jax.Array):
     c_prev = jnp.concatenate([jnp.zeros_like(cs[:1]), cs[:-1]])  # [seq_len, batch, hidden]
     h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
 
+    # d act / d gate = (1 - act) * (act + offset): act * (1 - act) for the sigmoid gates (offset
+    # 0) and 1 - act**2 for tanh(g) (offset 1); one pass over the stacked gates, as forward.
+    scale, shift = _gate_constants(recurrent_kernel.shape[0])
+    offset = scale - shift
+
     def step(carry, xs):
         dh_next, dc_next = carry  # float32 gradients reaching h_t and c_t from step t + 1
         dh_out, c, c_before, act = xs
@@ -120,11 +151,8 @@ def _recurrence_backward(residuals, d_hs: jax.Array):
         tanh_c = jnp.tanh(c)
         dh = dh_out.astype(jnp.float32) + dh_next
         dc = dc_next + dh * o * (1 - tanh_c**2)
-        d_gates = jnp.concatenate(  # through sigmoid / tanh: [batch, 4 * hidden] float32
-            [dc * g * i * (1 - i), dc * c_before * f * (1 - f), dc * i * (1 - g**2),
-             dh * tanh_c * o * (1 - o)],
-            axis=-1,
-        )  # fmt: skip
+        d_act = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
+        d_gates = d_act * (1 - act) * (act + offset)  # [batch, 4 * hidden] float32
         dh_prev = (d_gates.astype(dtype) @ recurrent_kernel.T).astype(jnp.float32)
         return (dh_prev, dc * f), d_gates
 

@@ -13,7 +13,7 @@ import pytest
 
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
 from jaxmodels.cnn import PatchConv, max_pool_2x2
-from jaxmodels.lstm import _lstm_step, lstm_recurrence
+from jaxmodels.lstm import _activate_gates, _lstm_step, lstm_recurrence
 from jaxmodels.transformer import causal_attention
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
@@ -401,6 +401,14 @@ def test_lstm_cell_state_stays_float32():
     )
     assert (c.dtype, h.dtype, h_out.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
     assert c.shape == h.shape == (3, H)
+
+
+def test_lstm_gates_are_three_sigmoids_and_a_tanh():
+    gates = 4 * random_normal(3, (2, 4 * H))  # [batch, 4 * hidden]: i, f, g, o
+    i, f, g, o = np.split(np.asarray(gates, np.float64), 4, axis=-1)
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    expected = np.concatenate([sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)], axis=-1)
+    np.testing.assert_allclose(jax.jit(_activate_gates)(gates), expected, rtol=0, atol=5e-7)
 
 
 def test_lstm_layer_matches_cell_loop():

@@ -9,7 +9,9 @@ Usage (from the repo root):
 Each benchmark is a config file from `configs/` with a few fields overridden (dropout 0 always),
 run through `train.state.create_train_state` and `train.steps.train_step`, compiled by
 `train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
-`python -m train` runs.
+`python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
+its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
+`train.host_memory`).
 
 Modes:
   memory    one fixed random batch, put on device once, laid out as the step takes it. Tracing,
@@ -38,6 +40,7 @@ import math
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +57,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from train import data, loop  # noqa: E402
+from train import data, host_memory, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
@@ -554,6 +557,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak_repeats", type=int, default=5, help="runs of each peak matmul")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # see main()
     args = parser.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.peak_repeats < 1:
         parser.error("--steps, --repeats and --peak_repeats must be positive")
@@ -565,10 +569,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if "TFDS_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
         os.environ["TFDS_DATA_DIR"] = str(SHARED_DATA)
-    names = list(BENCHMARKS) if args.all else [args.model]
+    if args.child:  # this process was started by the branch below, environment and all
+        result = run_benchmark(args.model, args.mode, args.steps, args.repeats, args.peak_repeats)
+        print(json.dumps(result), flush=True)
+        return [result]
+    # Each model runs in a fresh process, as `python -m train` runs one, whose environment carries
+    # the host-memory settings of its config (train.host_memory): they must be in place before
+    # JAX starts a thread, and this process has already imported JAX.
     results = []
-    for name in names:
-        result = run_benchmark(name, args.mode, args.steps, args.repeats, args.peak_repeats)
+    for name in list(BENCHMARKS) if args.all else [args.model]:
+        options = [f"--mode={args.mode}", f"--repeats={args.repeats}"]
+        options += [f"--peak_repeats={args.peak_repeats}", "--child"]
+        options += [f"--steps={args.steps}"] if args.steps else []
+        env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
+        command = [sys.executable, __file__, f"--model={name}", *options]
+        out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(result), flush=True)
         results.append(result)
     return results

@@ -1,9 +1,25 @@
 """Training for jaxmodels: a train state, pure step functions and the loop that runs them.
 
 from train import create_train_state, train_step, eval_step
+
+Importing `train` does not import JAX: the names above load on first use, so that
+`python -m train` can set up host memory (`train.host_memory`) before JAX starts any thread. On
+CPU, call `train.host_memory.configure(config.train)` before your own first JAX import for the same
+effect: XLA:CPU then reuses its temporary buffers instead of page-faulting them in every step.
 """
 
-from train.state import TrainState, create_train_state
-from train.steps import eval_step, train_step
+import importlib
 
-__all__ = ["TrainState", "create_train_state", "eval_step", "train_step"]
+_LAZY = {
+    "TrainState": "train.state",
+    "create_train_state": "train.state",
+    "eval_step": "train.steps",
+    "train_step": "train.steps",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'train' has no attribute {name!r}")

@@ -138,21 +138,24 @@ def start_distributed() -> None:
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        config = FLAGS.config
+        config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
+    except (*INPUT_ERRORS, OSError, flags.Error) as error:
+        fail(error)
+    from train import host_memory  # no JAX yet: importing the train package does not import it
+
+    host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
     # TensorFlow is not needed, but if it is installed it must not take GPU memory from JAX.
     if importlib.util.find_spec("tensorflow") is not None:
         import tensorflow as tf
 
         tf.config.set_visible_devices([], "GPU")
-    try:
-        start_distributed()
-    except ValueError as error:
-        fail(error)
     from train import loop  # imported after flag parsing: importing jax is slow
 
     try:
-        config = FLAGS.config
-        config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
-    except (*INPUT_ERRORS, OSError, flags.Error) as error:
+        start_distributed()
+    except ValueError as error:
         fail(error)
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info("Workdir: %s", workdir)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, metrics, optim, sample, steps
+from train import checkpoint, data, host_memory, metrics, optim, sample, steps
 from train.state import TrainState, create_train_state, example_inputs
 
 PMAP_AXIS = "batch"
@@ -417,6 +417,7 @@ def train_and_evaluate(
     Returns:
       (the final train state, the scalars of the last report).
     """
+    host_memory.configure(config.train)  # a no-op if it was already set up
     setup_compile_cache(config.train.compile_cache_dir)
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0

@@ -7,7 +7,7 @@ again. On the 2-core development machine that was 34,900 page faults and 90 ms o
 per LSTM step of 218 ms, and 64 ms per CNN step of 88 ms: time the cores did not spend on the model.
 
 `keep_freed_memory()` sets three malloc options (glibc's `mallopt`, the same settings as the
-environment variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`):
+environment variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`):
 every thread allocates from one heap, large blocks come from that heap instead of `mmap`, and the
 heap is not trimmed, so the next step gets the pages the last one freed, already mapped. Measured
 on that machine (step time before -> after, `benchmarks/step_throughput.py`): LSTM 218 -> 172 ms,
@@ -41,13 +41,13 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1  # mallopt takes an int: "never trim" in practice
+_NEVER = -1  # M_TRIM_THRESHOLD -1: never trim (glibc mallopt(3))
 _ENV_SWITCH = "JAXMODELS_KEEP_FREED_MEMORY"
 # The same settings as glibc environment variables, read when a process starts.
 ENVIRONMENT = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(_INT_MAX),
+    "MALLOC_TRIM_THRESHOLD_": str(2**62),  # a size_t here: effectively never
 }
 
 
@@ -93,6 +93,6 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
     # mallopt returns 1 on success, 0 on error; every option is tried either way.
     return all([libc.mallopt(option, value) == 1 for option, value in settings])

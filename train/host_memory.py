@@ -10,8 +10,9 @@ per LSTM step of 218 ms, and 64 ms per CNN step of 88 ms: time the cores did not
 environment variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`):
 every thread allocates from one heap, large blocks come from that heap instead of `mmap`, and the
 heap is not trimmed, so the next step gets the pages the last one freed, already mapped. Measured
-on that machine (step time before -> after, `benchmarks/step_throughput.py`): LSTM 218 -> 172 ms,
-CNN 88 -> 51 ms, tiny Transformer 58 -> 46 ms. The cost: the process keeps its peak host memory
+on that machine (step time before -> after, `benchmarks/step_throughput.py`): LSTM 205 -> 171 ms,
+CNN 88 -> 46 ms, tiny Transformer 58 -> 43 ms, small Transformer 2.72 -> 2.33 s (whose 1.4 GB of
+temporaries made 356,000 page faults a step). The cost: the process keeps its peak host memory
 until it exits instead of handing it back between steps.
 
 One heap has a cost: threads that allocate at the same time wait for each other. The MLP's step

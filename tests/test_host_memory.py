@@ -67,3 +67,10 @@ def test_config_field_and_environment_switch(monkeypatch):
     monkeypatch.setenv("JAXMODELS_KEEP_FREED_MEMORY", "0")
     assert host_memory.keep_freed_memory() is False
     assert host_memory.configure(ml_collections.ConfigDict({})) is False  # absent: on, env: off
+
+
+def test_importing_train_does_not_import_jax():
+    # The command line sets up host memory after `import train` and before JAX starts a thread.
+    code = "import sys, train; from train import host_memory; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    assert out.stdout.decode().strip() == "False"

@@ -27,8 +27,8 @@ environment carries the settings (`ENVIRONMENT`), and in your own script call `c
 `import jax`, or set those environment variables. `train.loop.train_and_evaluate` calls
 `configure` as well, which in a process where JAX already runs still keeps large blocks off
 `mmap` for the threads that share the main heap (in one test, 60% fewer page faults instead of
-all of them). Both are no-ops outside glibc (macOS, musl) and
-when `JAXMODELS_KEEP_FREED_MEMORY=0`.
+all of them). Both are no-ops outside glibc (macOS, musl) and when
+`JAXMODELS_KEEP_FREED_MEMORY=0`.
 """
 
 from __future__ import annotations

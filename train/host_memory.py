@@ -64,10 +64,20 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _asked_for(train_config) -> bool:
+    """`train_config.reuse_host_memory`; True where the config lacks the field."""
+    return train_config.get("reuse_host_memory", True)
+
+
+def _switched_on() -> bool:
+    """False when the environment turns the settings off (`JAXMODELS_KEEP_FREED_MEMORY=0`)."""
+    return os.environ.get(_ENV_SWITCH, "1") != "0"
+
+
 def environment(train_config) -> dict[str, str]:
     """Environment variables that give a new process `configure(train_config)`'s settings."""
-    on = train_config.get("reuse_host_memory", True) and os.environ.get(_ENV_SWITCH, "1") != "0"
-    return dict(ENVIRONMENT) if on and _glibc() is not None else {}
+    on = _asked_for(train_config) and _switched_on() and _glibc() is not None
+    return dict(ENVIRONMENT) if on else {}
 
 
 def configure(train_config) -> bool:
@@ -79,7 +89,7 @@ def configure(train_config) -> bool:
     Returns:
       Whether the malloc options were set.
     """
-    return keep_freed_memory() if train_config.get("reuse_host_memory", True) else False
+    return keep_freed_memory() if _asked_for(train_config) else False
 
 
 def keep_freed_memory() -> bool:
@@ -89,9 +99,7 @@ def keep_freed_memory() -> bool:
       True if the options were set; False outside glibc, when `JAXMODELS_KEEP_FREED_MEMORY=0`, or
       if glibc refused one of them.
     """
-    if os.environ.get(_ENV_SWITCH, "1") == "0":
-        return False
-    libc = _glibc()
+    libc = _glibc() if _switched_on() else None
     if libc is None:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))

@@ -417,7 +417,9 @@ def train_and_evaluate(
     Returns:
       (the final train state, the scalars of the last report).
     """
-    host_memory.configure(config.train)  # a no-op if it was already set up
+    # Again if the command line did it (the same settings); in a notebook, where JAX already
+    # runs, it helps only in part (see train.host_memory).
+    host_memory.configure(config.train)
     setup_compile_cache(config.train.compile_cache_dir)
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import host_memory, loop  # noqa: E402
+from train import loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 CONFIG = REPO / "configs" / "transformer.py"
@@ -63,14 +63,9 @@ def cold_and_cached(name: str) -> dict:
     """Runs `--child` twice in fresh processes over one new cache directory."""
     import step_throughput  # noqa: PLC0415
 
-    config = step_throughput.benchmark_config(name, pipeline=False)
     with tempfile.TemporaryDirectory() as cache_dir:
-        runs = []
-        for _ in range(2):
-            command = [sys.executable, __file__, f"--child={name}", f"--cache_dir={cache_dir}"]
-            env = {**os.environ, **host_memory.environment(config.train)}  # as step_throughput
-            out = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        command = [__file__, f"--child={name}", f"--cache_dir={cache_dir}"]
+        runs = [step_throughput.run_fresh(name, command, subprocess.PIPE) for _ in range(2)]
         cache_files = sum(1 for _ in pathlib.Path(cache_dir).rglob("*") if _.is_file())
     result = {"model": name}
     for label, run in zip(("cold", "cached"), runs, strict=True):

@@ -546,6 +546,18 @@ def run_benchmark(
     return result
 
 
+def run_fresh(name: str, script_and_args: list[str], stderr=None) -> dict:
+    """Runs a benchmark script for model `name` in a fresh Python process; its last JSON line.
+
+    The process starts with the host-memory settings of the benchmark's config in its environment
+    (`train.host_memory.environment`), as `python -m train` applies them before JAX starts.
+    """
+    env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
+    command = [sys.executable, *script_and_args]
+    out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, stderr=stderr)
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -581,10 +593,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         options = [f"--mode={args.mode}", f"--repeats={args.repeats}"]
         options += [f"--peak_repeats={args.peak_repeats}", "--child"]
         options += [f"--steps={args.steps}"] if args.steps else []
-        env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
-        command = [sys.executable, __file__, f"--model={name}", *options]
-        out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_fresh(name, [__file__, f"--model={name}", *options])
         print(json.dumps(result), flush=True)
         results.append(result)
     return results

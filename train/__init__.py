@@ -19,13 +19,12 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-_SUBMODULES = {"checkpoint", "config", "data", "host_memory", "loop", "metrics", "optim", "sample",
-               "state", "steps"}  # fmt: skip
-
-
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _SUBMODULES:  # `import train; train.loop...` works as it did before
+    try:  # a submodule: `import train; train.loop...` works as it did before
         return importlib.import_module(f"train.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"train.{name}":  # the submodule exists but needs something missing
+            raise
     raise AttributeError(f"module 'train' has no attribute {name!r}")

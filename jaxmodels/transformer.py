@@ -14,7 +14,7 @@ _MASKED = float(np.finfo(np.float32).min)  # added to a masked score: exp() of i
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """Softmax attention of queries over keys with an additive score bias.
+    """Softmax attention of queries over keys with an additive score bias, heads-major.
 
     The softmax runs in float32 whatever the dtype of q, k and v. Masked positions carry the most
     negative float32 (not -inf) in `bias`: their weight is exactly 0, and a row whose keys are all
@@ -22,17 +22,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Arr
     backward pass free of a select over the score matrix.
 
     Args:
-      q: `[batch, q_len, heads, head_dim]`, already scaled by `head_dim ** -0.5`.
-      k: `[batch, k_len, heads, head_dim]`.
-      v: `[batch, k_len, heads, head_dim]`.
+      q: `[batch, heads, q_len, head_dim]`, already scaled by `head_dim ** -0.5`.
+      k: `[batch, heads, k_len, head_dim]`.
+      v: `[batch, heads, k_len, head_dim]`.
       bias: float32, broadcastable to `[batch, heads, q_len, k_len]`; 0 or `_MASKED`.
 
     Returns:
-      `[batch, q_len, heads, head_dim]` in the dtype of `v`.
+      `[batch, heads, q_len, head_dim]` in the dtype of `v`.
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # [b, heads, q_len, k_len]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)  # [b, heads, q_len, k_len]
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, q_len, heads, head_dim]
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)  # [batch, heads, q_len, head_dim]
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) -> jax.Array:
@@ -46,13 +46,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) 
     trace and run: on XLA:CPU two chunks were fastest at 128 and at 256 positions.
 
     Args:
-      q, k, v: `[batch, seq_len, heads, head_dim]`; q already scaled.
+      q, k, v: `[batch, heads, seq_len, head_dim]`; q already scaled.
       num_chunks: query chunks; 1 (or less) scores the full matrix at once.
 
     Returns:
-      `[batch, seq_len, heads, head_dim]` in the dtype of `v`.
+      `[batch, heads, seq_len, head_dim]` in the dtype of `v`.
     """
-    seq_len = q.shape[1]
+    seq_len = q.shape[2]
     chunk = -(-seq_len // max(num_chunks, 1))  # ceil: at most num_chunks chunks
     outs = []
     for start in range(0, seq_len, chunk):
@@ -60,12 +60,21 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) 
         # A numpy constant: query i (absolute position) sees key j iff j <= i.
         visible = np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]  # [q_len, stop]
         bias = np.where(visible, 0.0, _MASKED).astype(np.float32)
-        outs.append(attend(q[:, start:stop], k[:, :stop], v[:, :stop], bias))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        outs.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection.
+    """Multi-head self-attention with one q/k/v projection, computed heads-major.
+
+    The parameters are those of `nn.Dense(3 * width, name="qkv")` (kernel columns: q, k, v, each
+    heads x head_dim) and `nn.Dense(width, name="out")`, and are initialised the same way. The
+    projections are written as einsums that produce q, k and v directly as
+    `[batch, heads, seq_len, head_dim]` and read the attention output in that layout, instead of a
+    `[batch, seq_len, 3 * width]` projection that is sliced into q, k and v and transposed around
+    the attention matmuls. The slices' backward pass padded and summed three full-size gradients,
+    and every transpose was a copy. One attention layer of the small benchmark Transformer
+    (batch 16, 256 positions, width 384, 6 heads), forward and backward: 167 -> 135 ms.
 
     Attributes:
       num_heads: number of heads; must divide `width`.
@@ -95,19 +104,46 @@ class SelfAttention(nn.Module):
         """
         if self.width % self.num_heads:
             raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
-        batch, seq_len, _ = x.shape
-        head_dim = self.width // self.num_heads
+        heads, head_dim = self.num_heads, self.width // self.num_heads
         dtype = jnp.dtype(self.dtype)
-        qkv = nn.Dense(3 * self.width, dtype=dtype, name="qkv")(x)  # [batch, seq_len, 3 * width]
-        qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, seq_len, heads, head_dim]
-        q = q * head_dim**-0.5  # scaling q is cheaper than scaling the [seq_len, seq_len] scores
+        x = x.astype(dtype)
+        qkv_kernel, qkv_bias = (
+            p.astype(dtype) for p in DenseParams(x.shape[-1], 3 * self.width, name="qkv")()
+        )
+        qkv_kernel = qkv_kernel.reshape(x.shape[-1], 3, heads, head_dim)
+        qkv_bias = qkv_bias.reshape(3, heads, 1, head_dim)
+        # Scaling q's kernel and bias is cheaper than scaling q or the [seq_len, seq_len] scores.
+        scales = (head_dim**-0.5, 1.0, 1.0)
+        q, k, v = (  # each [batch, heads, seq_len, head_dim]
+            jnp.einsum("btw,whd->bhtd", x, qkv_kernel[:, i] * scale) + qkv_bias[i] * scale
+            for i, scale in enumerate(scales)
+        )
         if mask is None:
             out = causal_attention(q, k, v, self.query_chunks)
         else:
             out = attend(q, k, v, jnp.where(mask, 0.0, _MASKED).astype(jnp.float32))
-        out = out.reshape(batch, seq_len, self.width)  # [batch, seq_len, width]
-        return nn.Dense(self.width, dtype=dtype, name="out")(out)
+        out_kernel, out_bias = (
+            p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
+        )
+        out_kernel = out_kernel.reshape(heads, head_dim, self.width)
+        return jnp.einsum("bhtd,hdw->btw", out, out_kernel) + out_bias  # [batch, seq_len, width]
+
+
+class DenseParams(nn.Module):
+    """Declares the parameters of an `nn.Dense(features)` on `inputs` inputs and returns them.
+
+    For layers that apply a Dense layer's kernel in another shape (see `SelfAttention`) but keep
+    its parameter tree and initialisation.
+    """
+
+    inputs: int
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        """`(kernel [inputs, features], bias [features])`, float32."""
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.inputs, self.features))
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
 
 
 class TransformerBlock(nn.Module):

@@ -14,7 +14,7 @@ import pytest
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
 from jaxmodels.cnn import PatchConv, max_pool_2x2
 from jaxmodels.lstm import _activate_gates, _lstm_step, lstm_sequence
-from jaxmodels.transformer import causal_attention
+from jaxmodels.transformer import SelfAttention, causal_attention
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
 SMALL_FIELDS = {
@@ -333,15 +333,56 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
 def test_chunked_causal_attention_matches_full_scores(num_chunks):
     # Chunks skip only key blocks whose weights are exactly 0, so the outputs agree to round-off;
     # 7 positions in chunks of 1, 2, 3 or 4 cover even, uneven (3, 3, 1) and (4, 3) splits.
-    q, k, v = (random_normal(seed, (2, 7, 3, 4)) for seed in (1, 2, 3))  # [b, t, heads, d]
+    q, k, v = (random_normal(seed, (2, 3, 7, 4)) for seed in (1, 2, 3))  # [b, heads, t, d]
     full = causal_attention(q, k, v, num_chunks=1)
     np.testing.assert_allclose(causal_attention(q, k, v, num_chunks), full, rtol=1e-6, atol=1e-6)
     # And full scores are the textbook masked softmax.
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k)
+    scores = np.einsum("bhqd,bhkd->bhqk", q, k)
     scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    np.testing.assert_allclose(full, np.einsum("bhqk,bkhd->bqhd", weights, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(full, np.einsum("bhqk,bhkd->bhqd", weights, v), rtol=1e-5, atol=1e-6)
+
+
+class TextbookAttention(nn.Module):
+    """Self-attention as usually written: Dense q/k/v, slices, a masked softmax, Dense out."""
+
+    num_heads: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        batch, seq_len, _ = x.shape
+        head_dim = self.width // self.num_heads
+        qkv = nn.Dense(3 * self.width, name="qkv")(x).reshape(batch, seq_len, 3, self.num_heads, -1)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, seq_len, heads, head_dim]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+        if mask is None:
+            mask = np.tril(np.ones((seq_len, seq_len), bool))
+        weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq_len, self.width)
+        return nn.Dense(self.width, name="out")(out)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
+def test_self_attention_matches_textbook_dense_layers(causal):
+    # SelfAttention computes heads-major einsums with the kernels of two nn.Dense layers: it must
+    # declare and initialise the same parameters and compute the same function.
+    x = random_normal(1, (2, 7, 12))  # [batch, seq_len, width]
+    mask = None if causal else random_normal(2, (2, 1, 7, 7)) > -0.5  # [batch, 1, q, k]
+    if mask is not None:
+        mask = mask | np.eye(7, dtype=bool)  # every query sees at least itself
+    ours = SelfAttention(num_heads=3, width=12, query_chunks=3)
+    textbook = TextbookAttention(num_heads=3, width=12)
+    params = ours.init(key(0), x, mask)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, textbook.init(key(0), x, mask)["params"])
+    params = jax.tree.map(lambda p: p + random_normal(3, p.shape), params)  # nonzero biases too
+    np.testing.assert_allclose(
+        ours.apply({"params": params}, x, mask),
+        textbook.apply({"params": params}, x, mask),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_transformer_scan_traces_one_block_whatever_the_depth():

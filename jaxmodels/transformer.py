@@ -5,6 +5,8 @@ LayerNorms and activations (statistics and the attention softmax stay float32), 
 are cast back to float32.
 """
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Arr
     Returns:
       `[batch, heads, q_len, head_dim]` in the dtype of `v`.
     """
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)  # [b, heads, q_len, k_len]
-    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)  # [batch, heads, q_len, head_dim]
+    batch_dims = ((0, 1), (0, 1))  # batch and heads; `lax.dot_general` traces faster than einsum
+    scores = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims))  # [b, heads, q_len, k_len]
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
+    return jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [b, heads, q_len, d]
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) -> jax.Array:
@@ -110,14 +113,16 @@ class SelfAttention(nn.Module):
         qkv_kernel, qkv_bias = (
             p.astype(dtype) for p in DenseParams(x.shape[-1], 3 * self.width, name="qkv")()
         )
-        qkv_kernel = qkv_kernel.reshape(x.shape[-1], 3, heads, head_dim)
-        qkv_bias = qkv_bias.reshape(3, heads, 1, head_dim)
+        # The kernel's columns are q, k, v, each heads x head_dim: [width, heads, head_dim] each.
+        q_kernel, k_kernel, v_kernel = qkv_kernel.reshape(
+            x.shape[-1], 3, heads, head_dim
+        ).transpose(1, 0, 2, 3)
+        q_bias, k_bias, v_bias = qkv_bias.reshape(3, heads, 1, head_dim)
         # Scaling q's kernel and bias is cheaper than scaling q or the [seq_len, seq_len] scores.
-        scales = (head_dim**-0.5, 1.0, 1.0)
-        q, k, v = (  # each [batch, heads, seq_len, head_dim]
-            jnp.einsum("btw,whd->bhtd", x, qkv_kernel[:, i] * scale) + qkv_bias[i] * scale
-            for i, scale in enumerate(scales)
-        )
+        scale = head_dim**-0.5
+        q = _to_heads(x, q_kernel * scale) + q_bias * scale
+        k = _to_heads(x, k_kernel) + k_bias  # each [batch, heads, seq_len, head_dim]
+        v = _to_heads(x, v_kernel) + v_bias
         if mask is None:
             out = causal_attention(q, k, v, self.query_chunks)
         else:
@@ -126,7 +131,16 @@ class SelfAttention(nn.Module):
             p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
         )
         out_kernel = out_kernel.reshape(heads, head_dim, self.width)
-        return jnp.einsum("bhtd,hdw->btw", out, out_kernel) + out_bias  # [batch, seq_len, width]
+        # [batch, heads, seq_len, head_dim] x [heads, head_dim, width] -> [batch, seq_len, width]
+        return jax.lax.dot_general(out, out_kernel, (((1, 3), (0, 1)), ((), ()))) + out_bias
+
+
+def _to_heads(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`[batch, seq_len, width] x [width, heads, head_dim] -> [batch, heads, seq_len, head_dim]`.
+
+    `lax.dot_general` rather than `jnp.einsum`: the same matmul and transpose, cheaper to trace.
+    """
+    return jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ()))).transpose(0, 2, 1, 3)
 
 
 class DenseParams(nn.Module):
@@ -324,7 +338,7 @@ class Transformer(nn.Module):
             # advise) and only the unrolled layout pays for it.
             apply_block = nn.remat(apply_block, prevent_cse=not self.scan_layers)
 
-        def make_block(name: str) -> TransformerBlock:
+        def make_block(name: str | None, **parent) -> TransformerBlock:
             return TransformerBlock(
                 self.num_heads,
                 self.width,
@@ -333,8 +347,20 @@ class Transformer(nn.Module):
                 self.dtype,
                 self.query_chunks,
                 name=name,
+                **parent,
             )
 
+        if not self.scan_layers and not self.is_initializing():
+            # The blocks have the same shapes, so one jitted function traces once and every layer
+            # reuses that trace (and its derivative): small Transformer (6 layers), first step
+            # from the persistent cache 1.57 -> 1.16 s and cold 4.7 -> 4.1 s. The parameters are
+            # the ones `init` created below, under block_{i}.
+            block = make_block(None, parent=None)  # unbound: only its fields are used
+            for i in range(self.num_layers):
+                params = self.variables["params"][f"block_{i}"]
+                rng = self.make_rng("dropout") if train and self.dropout_rate > 0 else None
+                x = _apply_block(block, train, self.remat, params, x, mask, rng)
+            return x
         if not self.scan_layers:
             for i in range(self.num_layers):
                 x, _ = apply_block(make_block(f"block_{i}"), x, mask)
@@ -349,3 +375,28 @@ class Transformer(nn.Module):
         )
         x, _ = scan_blocks(make_block("blocks"), x, mask)
         return x
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _apply_block(
+    block: TransformerBlock,
+    train: bool,
+    remat: bool,
+    params,
+    x: jax.Array,
+    mask: jax.Array | None,
+    rng: jax.Array | None,
+) -> jax.Array:
+    """`block` applied with `params`: one jitted function for every unrolled layer (see `_blocks`).
+
+    Under an outer `jit`, `grad` or `pmap` it is inlined like any nested jit; its jaxpr and
+    derivative are cached by the block's fields and the shapes, so a deep model traces one block.
+    """
+
+    def apply(params, x, mask, rng):
+        rngs = {} if rng is None else {"dropout": rng}
+        return block.apply({"params": params}, x, mask, train=train, rngs=rngs)
+
+    if remat:  # keep only the block's input for the backward pass (see `_blocks`)
+        apply = jax.checkpoint(apply)
+    return apply(params, x, mask, rng)

@@ -399,6 +399,27 @@ def test_transformer_scan_traces_one_block_whatever_the_depth():
     assert num_equations(6, scan_layers=False) > 2 * num_equations(2, scan_layers=False)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_unrolled_transformer_traces_one_block_for_every_layer(remat):
+    # Unrolled layers run one jitted block function: the model's jaxpr calls it once per layer and
+    # every call shares a single traced block; its gradient's jaxpr shares one forward and one
+    # backward block between the layers.
+    tokens = jnp.ones((2, 7), jnp.int32)
+    model = build_model(
+        "transformer", **dict(SMALL_FIELDS["transformer"], num_layers=3, remat=remat)
+    )
+    params = model.init(key(0), tokens, train=False)["params"]
+
+    def loss(params):
+        return model.apply({"params": params}, tokens, train=True).sum()
+
+    for function, num_traces in ((loss, 1), (jax.grad(loss), 2)):
+        jaxpr = jax.make_jaxpr(function)(params).jaxpr
+        calls = [e for e in jaxpr.eqns if e.params.get("name") == "_apply_block"]
+        assert len(calls) == 3 * num_traces
+        assert len({id(e.params["jaxpr"]) for e in calls}) == num_traces
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bfloat16_computation(name, small):
     base = small(name)

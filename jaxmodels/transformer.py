@@ -218,8 +218,10 @@ class Transformer(nn.Module):
     The other two combinations raise a ValueError: an encoder needs a classifier head, and a causal
     classifier is not something we train.
 
-    With `scan_layers=False` (the default) the blocks are unrolled as `block_0`, `block_1`, ...
-    With `scan_layers=True` they are one `nn.scan` over a single `TransformerBlock` whose
+    With `scan_layers=False` (the default) the blocks are unrolled as `block_0`, `block_1`, ...;
+    `apply` runs them through one jitted block function, so tracing the model (and its gradient)
+    traces one block whatever the depth, while XLA still compiles every layer. With
+    `scan_layers=True` they are one `nn.scan` over a single `TransformerBlock` whose
     parameters are stacked along a leading `num_layers` axis, under `params["blocks"]` (e.g.
     `blocks/attn/qkv/kernel` is `[num_layers, width, 3 * width]`); XLA then compiles one block
     whatever the depth, so deep models compile in near-constant time, but on XLA:CPU the loop costs

@@ -383,6 +383,22 @@ def test_self_attention_matches_textbook_dense_layers(causal):
         rtol=1e-5,
         atol=1e-5,
     )
+    # And the same gradients (attention's backward pass is written by hand), for every parameter
+    # and the input.
+    weights = random_normal(4, x.shape)  # a random cotangent for the outputs
+
+    def grads(module):
+        def loss(params, x):
+            return (module.apply({"params": params}, x, mask) * weights).sum()
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    def close(got, expected):  # round-off relative to the largest entry of each gradient: the
+        # k bias gets none (it shifts every score of a row alike), so its entries are round-off
+        scale = float(jnp.abs(expected).max())
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
+
+    jax.tree.map(close, grads(ours), grads(textbook))
 
 
 def test_transformer_scan_traces_one_block_whatever_the_depth():

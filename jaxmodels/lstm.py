@@ -160,7 +160,7 @@ def _sequence_backward(residuals, d_hs: jax.Array):
     x, input_kernel, recurrent_kernel, hs, cs, acts = residuals
     dtype = recurrent_kernel.dtype
     d_gates = _gate_gradients(recurrent_kernel, cs, acts, d_hs)  # [seq_len, batch, 4 * hidden]
-    h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])  # h each step started from
+    h_prev = _started_from(hs)  # [seq_len, batch, hidden]
     inputs = jnp.concatenate([x, h_prev], axis=-1)  # [seq_len, batch, features + hidden]
     d_kernels = jnp.einsum("tbk,tbg->kg", inputs, d_gates, preferred_element_type=jnp.float32)
     features = x.shape[-1]
@@ -171,11 +171,18 @@ def _sequence_backward(residuals, d_hs: jax.Array):
     return d_x, d_input_kernel, d_recurrent_kernel, d_bias
 
 
+def _started_from(states: jax.Array) -> jax.Array:
+    """The state each step started from: zeros, then the state after the previous step.
+
+    `states` is the state after every step, `[seq_len, ...]`; the result has the same shape.
+    """
+    return jnp.concatenate([jnp.zeros_like(states[:1]), states[:-1]])
+
+
 def _gate_gradients(recurrent_kernel, cs, acts, d_hs: jax.Array) -> jax.Array:
     """The gradients of the pre-activation gates at every step, in the computation dtype."""
     dtype = recurrent_kernel.dtype
-    # The cell state each step started from: zeros, then the previous step's.
-    c_prev = jnp.concatenate([jnp.zeros_like(cs[:1]), cs[:-1]])  # [seq_len, batch, hidden]
+    c_prev = _started_from(cs)  # [seq_len, batch, hidden]
 
     # With dc and dh the gradients reaching c_t and h_t, the gate gradients are
     #   d_gates = (1 - act) * (act + offset) * [dc * g, dc * c_prev, dc * i, dh * tanh(c)]

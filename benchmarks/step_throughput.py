@@ -11,18 +11,21 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
 `python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
 its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
-`train.host_memory`).
+`train.host_memory`), and split into the CPU devices of its `train.cpu_devices` (see
+`train.cpu_devices`: the small Transformer runs on one device per core, the other models on
+one device; set JAX_NUM_CPU_DEVICES=N to override it for every model).
 
 Modes:
   memory    one fixed random batch, put on device once, laid out as the step takes it. Tracing,
             lowering and compiling the step gives `compile_s` (`first_step_s` adds its first run);
             then `--repeats` times `--steps` steps, with one `jax.block_until_ready` at the end of
-            each repeat.
+            each repeat (after every step over several CPU devices, as the loop waits for each).
   pipeline  the same steps fed the way `python -m train` feeds them: with `data.on_device` the
             split is held in device memory and `train.data.train_iterator` sends batch indices,
             else it reads whole batches; either goes through the loop's `put_batch`. Repeats
             alternate with memory-mode repeats of the same config in the same process (A B A B,
-            as load on this machine drifts), which gives `share_of_memory_throughput`.
+            as load on this machine drifts), which gives `share_of_memory_throughput`; each
+            repeat starts with one untimed step (see `timed` in `run_benchmark`).
 
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
 there), `xla_flops_per_step` XLA's cost analysis of the compiled step, and `peak_gflops` the median
@@ -57,7 +60,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from train import data, host_memory, loop  # noqa: E402
+from train import cpu_devices, data, host_memory, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
@@ -145,6 +148,9 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 64,
             "data.batch_size": 12,
+            # The config splits a CPU into one device per core (train/cpu_devices.py); at these
+            # shapes (768 tokens a step) one device was faster: 44 ms against 52.
+            "train.cpu_devices": 1,
         },
     ),
     "transformer_small": Benchmark(
@@ -367,17 +373,24 @@ class CpuMeter:
 
 
 class Runner:
-    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps."""
+    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps.
 
-    def __init__(self, train: Callable, state, rng: jax.Array):
+    With `one_at_a_time` every step is waited for, as the loop waits for it over several CPU
+    devices (`train.loop.serializes_collectives`); else one host sync ends each run.
+    """
+
+    def __init__(self, train: Callable, state, rng: jax.Array, one_at_a_time: bool = False):
         self.train, self.state, self.rng = train, state, rng
+        self.one_at_a_time = one_at_a_time
 
     def run(self, num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
-        """n steps (of `train`, if given, on the same state); one host sync at the end (the state
-        is donated, so it is replaced each step)."""
+        """n steps (of `train`, if given, on the same state; the state is donated, so it is
+        replaced each step)."""
         state, train = self.state, train or self.train
         for _ in range(num_steps):
             state, _ = train(state, next_batch(), self.rng)
+            if self.one_at_a_time:
+                jax.block_until_ready(state)
         self.state = jax.block_until_ready(state)
 
 
@@ -460,7 +473,7 @@ def run_benchmark(
     jax.block_until_ready((state, sums))
     first_step_s = time.perf_counter() - start
 
-    runner = Runner(executable, state, rng)
+    runner = Runner(executable, state, rng, loop.serializes_collectives(mesh.devices.flat))
     memory_steps = steps or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
@@ -481,12 +494,21 @@ def run_benchmark(
         pipeline_steps = steps or estimate_steps(
             runner, next_batch, TARGET_REPEAT_S, train=pipe.train
         )
-    for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
-        memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
+
+    def timed(num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
         if pipeline:
-            pipeline_times.append(
-                meter.time(lambda: runner.run(pipeline_steps, next_batch, pipe.train))
-            )
+            # Repeats alternate two programs, so each program's temporaries lie idle while the
+            # other runs, and a host that reclaims idle memory (this one pages out what has not
+            # been touched for about a second) makes the next step page-fault them back: 150,000
+            # faults, 1 s of a 2 s step of the small Transformer on two CPU devices. A training
+            # run steps one program, so one untimed step after each switch takes that cost.
+            runner.run(1, next_batch, train)
+        return meter.time(lambda: runner.run(num_steps, next_batch, train))
+
+    for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
+        memory_times.append(timed(memory_steps, lambda: batch))
+        if pipeline:
+            pipeline_times.append(timed(pipeline_steps, next_batch, pipe.train))
 
     peak = matmul_peak_gflops(4096, peak_repeats)
     peak_2048 = matmul_peak_gflops(2048, peak_repeats)
@@ -549,10 +571,16 @@ def run_benchmark(
 def run_fresh(name: str, script_and_args: list[str], stderr=None) -> dict:
     """Runs a benchmark script for model `name` in a fresh Python process; its last JSON line.
 
-    The process starts with the host-memory settings of the benchmark's config in its environment
-    (`train.host_memory.environment`), as `python -m train` applies them before JAX starts.
+    The process starts with the host-memory settings and the CPU device count of the benchmark's
+    config in its environment (`train.host_memory.environment`, `train.cpu_devices.environment`),
+    as `python -m train` applies them before JAX starts.
     """
-    env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
+    train_config = benchmark_config(name, False).train
+    env = {
+        **os.environ,
+        **host_memory.environment(train_config),
+        **cpu_devices.environment(train_config),
+    }
     command = [sys.executable, *script_and_args]
     out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, stderr=stderr)
     return json.loads(out.stdout.decode().strip().splitlines()[-1])

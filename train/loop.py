@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, host_memory, metrics, optim, sample, steps
+from train import checkpoint, cpu_devices, data, host_memory, metrics, optim, sample, steps
 from train.state import TrainState, create_train_state, example_inputs
 
 PMAP_AXIS = "batch"
@@ -420,6 +420,7 @@ def train_and_evaluate(
     # Again if the command line did it (the same settings); in a notebook, where JAX already
     # runs, it helps only in part (see train.host_memory).
     host_memory.configure(config.train)
+    cpu_devices.configure(config.train)  # the same for the CPU device count (train.cpu_devices)
     setup_compile_cache(config.train.compile_cache_dir)
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
@@ -433,6 +434,13 @@ def train_and_evaluate(
 
     # Build: the state laid out over the mesh; the base key is passed unchanged to every step.
     mesh = make_mesh(config.train.mesh)
+    logging.info(
+        "Devices: %d x %s over %d process(es); mesh %s.",
+        jax.device_count(),
+        jax.devices()[0].platform,
+        jax.process_count(),
+        dict(mesh.shape),
+    )
     if config.train.parallelism == "pmap" and mesh.shape["fsdp"] > 1:
         raise ValueError("train.parallelism='pmap' replicates the state; FSDP needs 'jit'.")
     # Keys made under jit are global arrays, replicated over the mesh (as checkpoints hold them).

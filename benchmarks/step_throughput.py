@@ -11,9 +11,7 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
 `python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
 its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
-`train.host_memory`), and split into the CPU devices of its `train.cpu_devices` (see
-`train.cpu_devices`: the small Transformer runs on one device per core, the other models on
-one device; set JAX_NUM_CPU_DEVICES=N to override it for every model).
+`train.host_memory`).
 
 Modes:
   memory    one fixed random batch, put on device once, laid out as the step takes it. Tracing,
@@ -24,8 +22,7 @@ Modes:
             split is held in device memory and `train.data.train_iterator` sends batch indices,
             else it reads whole batches; either goes through the loop's `put_batch`. Repeats
             alternate with memory-mode repeats of the same config in the same process (A B A B,
-            as load on this machine drifts), which gives `share_of_memory_throughput`; each
-            repeat starts with one untimed step (see `timed` in `run_benchmark`).
+            as load on this machine drifts), which gives `share_of_memory_throughput`.
 
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
 there), `xla_flops_per_step` XLA's cost analysis of the compiled step, and `peak_gflops` the median
@@ -60,7 +57,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from train import cpu_devices, data, host_memory, loop  # noqa: E402
+from train import data, host_memory, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
@@ -148,9 +145,6 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 64,
             "data.batch_size": 12,
-            # The config splits a CPU into one device per core (train/cpu_devices.py); at these
-            # shapes (768 tokens a step) one device was faster: 44 ms against 52.
-            "train.cpu_devices": 1,
         },
     ),
     "transformer_small": Benchmark(
@@ -376,7 +370,8 @@ class Runner:
     """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps.
 
     With `one_at_a_time` every step is waited for, as the loop waits for it over several CPU
-    devices (`train.loop.serializes_collectives`); else one host sync ends each run.
+    devices (`train.loop.serializes_collectives`: steps queued ahead there can deadlock an
+    all-reduce); else one host sync ends each run.
     """
 
     def __init__(self, train: Callable, state, rng: jax.Array, one_at_a_time: bool = False):
@@ -494,21 +489,12 @@ def run_benchmark(
         pipeline_steps = steps or estimate_steps(
             runner, next_batch, TARGET_REPEAT_S, train=pipe.train
         )
-
-    def timed(num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
-        if pipeline:
-            # Repeats alternate two programs, so each program's temporaries lie idle while the
-            # other runs, and a host that reclaims idle memory (this one pages out what has not
-            # been touched for about a second) makes the next step page-fault them back: 150,000
-            # faults, 1 s of a 2 s step of the small Transformer on two CPU devices. A training
-            # run steps one program, so one untimed step after each switch takes that cost.
-            runner.run(1, next_batch, train)
-        return meter.time(lambda: runner.run(num_steps, next_batch, train))
-
     for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
-        memory_times.append(timed(memory_steps, lambda: batch))
+        memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
         if pipeline:
-            pipeline_times.append(timed(pipeline_steps, next_batch, pipe.train))
+            pipeline_times.append(
+                meter.time(lambda: runner.run(pipeline_steps, next_batch, pipe.train))
+            )
 
     peak = matmul_peak_gflops(4096, peak_repeats)
     peak_2048 = matmul_peak_gflops(2048, peak_repeats)
@@ -571,16 +557,10 @@ def run_benchmark(
 def run_fresh(name: str, script_and_args: list[str], stderr=None) -> dict:
     """Runs a benchmark script for model `name` in a fresh Python process; its last JSON line.
 
-    The process starts with the host-memory settings and the CPU device count of the benchmark's
-    config in its environment (`train.host_memory.environment`, `train.cpu_devices.environment`),
-    as `python -m train` applies them before JAX starts.
+    The process starts with the host-memory settings of the benchmark's config in its environment
+    (`train.host_memory.environment`), as `python -m train` applies them before JAX starts.
     """
-    train_config = benchmark_config(name, False).train
-    env = {
-        **os.environ,
-        **host_memory.environment(train_config),
-        **cpu_devices.environment(train_config),
-    }
+    env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
     command = [sys.executable, *script_and_args]
     out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, stderr=stderr)
     return json.loads(out.stdout.decode().strip().splitlines()[-1])

@@ -60,9 +60,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
     config.train.reuse_host_memory = True  # XLA:CPU reuses freed buffers (train/host_memory.py)
-    # CPU only: JAX devices the cores are split into, 0: one per core (train/cpu_devices.py).
-    # Slower for this model: its scan of small matmuls already keeps both cores busy.
-    config.train.cpu_devices = 1
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

@@ -57,9 +57,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # Off here: one malloc heap makes threads wait for each other, and this 0.55 ms step lost
     # 10% to that; the larger models gain far more (see train/host_memory.py).
     config.train.reuse_host_memory = False
-    # CPU only: JAX devices the cores are split into, 0: one per core (train/cpu_devices.py).
-    # Slower for this model: the all-reduce and waiting for each 0.6 ms step cost more.
-    config.train.cpu_devices = 1
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

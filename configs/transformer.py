@@ -69,9 +69,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
     config.train.reuse_host_memory = True  # XLA:CPU reuses freed buffers (train/host_memory.py)
-    # CPU only: one JAX device per core, the batch split over them (train/cpu_devices.py), runs
-    # attention's batched matmuls on every core; 1 keeps JAX's single CPU device.
-    config.train.cpu_devices = 0
     config.train.sample_lines = 4  # text samples written to the log and workdir at the end
     config.train.sample_length = 200  # characters per sample
     config.train.sample_temperature = 0.8

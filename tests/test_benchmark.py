@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import pytest
@@ -85,14 +84,3 @@ def test_hand_flop_counts_of_the_other_models(benchmark, name):
         "transformer_small": 6 * 16 * 256 * (6 * (12 * 384**2 + 2 * 256 * 384) + 384 * 65),
     }[name]
     assert flops == expected
-
-
-def test_each_model_runs_in_a_process_split_into_its_configs_cpu_devices(benchmark, monkeypatch):
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the conftest's 4 devices would win
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-    cores = len(os.sched_getaffinity(0))
-    show = ["-c", "import json, os; print(json.dumps(os.environ.get('JAX_NUM_CPU_DEVICES')))"]
-    # The Transformer config asks for one device per core; the tiny benchmark sets 1 again.
-    assert benchmark.run_fresh("transformer_small", show) == (None if cores == 1 else str(cores))
-    for name in ("mlp", "cnn", "lstm", "transformer_tiny"):
-        assert benchmark.run_fresh(name, show) is None, name

@@ -120,3 +120,4 @@ def test_command_line_runs_with_overrides(tmp_path):
     assert np.isfinite(reports[-1]["eval/loss"])
     assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 20
     assert "it/s" in result.stderr or "step/s" in result.stderr  # the progress bar
+    assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1}." in result.stderr

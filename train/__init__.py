@@ -6,8 +6,6 @@ Importing `train` does not import JAX: the names above load on first use, so tha
 `python -m train` can set up host memory (`train.host_memory`) before JAX starts any thread. On
 CPU, call `train.host_memory.configure(config.train)` before your own first JAX import for the same
 effect: XLA:CPU then reuses its temporary buffers instead of page-faulting them in every step.
-Likewise `train.cpu_devices.configure(config.train)`, before your first JAX operation, splits a
-CPU into the devices `config.train.cpu_devices` asks for (one per core for the Transformer).
 """
 
 import importlib

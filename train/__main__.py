@@ -151,10 +151,9 @@ def main(argv):
         import tensorflow as tf
 
         tf.config.set_visible_devices([], "GPU")
-    from train import cpu_devices, loop  # imported after flag parsing: importing jax is slow
+    from train import loop  # imported after flag parsing: importing jax is slow
 
     try:
-        cpu_devices.configure(config.train)  # before JAX starts its backends
         start_distributed()
     except ValueError as error:
         fail(error)

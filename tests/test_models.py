@@ -14,7 +14,12 @@ import pytest
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
 from jaxmodels.cnn import PatchConv, max_pool_2x2
 from jaxmodels.lstm import _activate_gates, _lstm_step, lstm_sequence
-from jaxmodels.transformer import SelfAttention, causal_attention
+from jaxmodels.transformer import (
+    SelfAttention,
+    attend,
+    attend_in_head_groups,
+    causal_attention,
+)
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
 SMALL_FIELDS = {
@@ -344,6 +349,25 @@ def test_chunked_causal_attention_matches_full_scores(num_chunks):
     np.testing.assert_allclose(full, np.einsum("bhqk,bhkd->bhqd", weights, v), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias_shape", [(5, 5), (2, 1, 1, 5), (2, 4, 5, 5)])
+def test_attention_in_two_groups_of_heads_equals_all_heads_at_once(bias_shape):
+    q, k, v = (random_normal(seed, (2, 4, 5, 3)) for seed in (1, 2, 3))  # [b, heads, t, d]
+    bias = np.where(random_normal(4, bias_shape) > -0.5, 0.0, -1e9).astype(np.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, bias) * random_normal(5, q.shape))
+
+    # On CPU the heads are split in two halves: two attention calls in the traced program.
+    jaxpr = str(jax.make_jaxpr(attend_in_head_groups)(q, k, v, bias))
+    assert jaxpr.count("custom_vjp_call") == 2, jaxpr
+    np.testing.assert_allclose(
+        attend_in_head_groups(q, k, v, bias), attend(q, k, v, bias), rtol=1e-6, atol=1e-6
+    )
+    grads = jax.grad(loss(attend_in_head_groups), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads, want)
+
+
 class TextbookAttention(nn.Module):
     """Self-attention as usually written: Dense q/k/v, slices, a masked softmax, Dense out."""
 
@@ -364,16 +388,17 @@ class TextbookAttention(nn.Module):
         return nn.Dense(self.width, name="out")(out)
 
 
+@pytest.mark.parametrize("num_heads", [3, 4])  # 4: two groups of heads (attend_in_head_groups)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
-def test_self_attention_matches_textbook_dense_layers(causal):
+def test_self_attention_matches_textbook_dense_layers(causal, num_heads):
     # SelfAttention computes heads-major einsums with the kernels of two nn.Dense layers: it must
     # declare and initialise the same parameters and compute the same function.
     x = random_normal(1, (2, 7, 12))  # [batch, seq_len, width]
     mask = None if causal else random_normal(2, (2, 1, 7, 7)) > -0.5  # [batch, 1, q, k]
     if mask is not None:
         mask = mask | np.eye(7, dtype=bool)  # every query sees at least itself
-    ours = SelfAttention(num_heads=3, width=12, query_chunks=3)
-    textbook = TextbookAttention(num_heads=3, width=12)
+    ours = SelfAttention(num_heads=num_heads, width=12, query_chunks=3)
+    textbook = TextbookAttention(num_heads=num_heads, width=12)
     params = ours.init(key(0), x, mask)["params"]
     jax.tree.map(np.testing.assert_array_equal, params, textbook.init(key(0), x, mask)["params"])
     params = jax.tree.map(lambda p: p + random_normal(3, p.shape), params)  # nonzero biases too

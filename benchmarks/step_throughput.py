@@ -367,25 +367,17 @@ class CpuMeter:
 
 
 class Runner:
-    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps.
+    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps."""
 
-    With `one_at_a_time` every step is waited for, as the loop waits for it over several CPU
-    devices (`train.loop.serializes_collectives`: steps queued ahead there can deadlock an
-    all-reduce); else one host sync ends each run.
-    """
-
-    def __init__(self, train: Callable, state, rng: jax.Array, one_at_a_time: bool = False):
+    def __init__(self, train: Callable, state, rng: jax.Array):
         self.train, self.state, self.rng = train, state, rng
-        self.one_at_a_time = one_at_a_time
 
     def run(self, num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
-        """n steps (of `train`, if given, on the same state; the state is donated, so it is
-        replaced each step)."""
+        """n steps (of `train`, if given, on the same state); one host sync at the end (the state
+        is donated, so it is replaced each step)."""
         state, train = self.state, train or self.train
         for _ in range(num_steps):
             state, _ = train(state, next_batch(), self.rng)
-            if self.one_at_a_time:
-                jax.block_until_ready(state)
         self.state = jax.block_until_ready(state)
 
 
@@ -468,7 +460,10 @@ def run_benchmark(
     jax.block_until_ready((state, sums))
     first_step_s = time.perf_counter() - start
 
-    runner = Runner(executable, state, rng, loop.serializes_collectives(mesh.devices.flat))
+    # Over several CPU devices the loop waits for every step (steps queued ahead there can
+    # deadlock an all-reduce); the executable run directly must too.
+    serial = loop.serializes_collectives(mesh.devices.flat)
+    runner = Runner(loop.one_at_a_time(executable) if serial else executable, state, rng)
     memory_steps = steps or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
     meter = CpuMeter()
     memory_times, pipeline_times = [], []

@@ -25,8 +25,11 @@ Modes:
             as load on this machine drifts), which gives `share_of_memory_throughput`.
 
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
-there), `xla_flops_per_step` XLA's cost analysis of the compiled step, and `peak_gflops` the median
-rate of a jitted float32 4096x4096 `jnp.dot` measured in the same process just after the model.
+there), `xla_flops_per_step` XLA's cost analysis of the compiled step. The peak is a jitted float32
+4096x4096 `jnp.dot`, timed `--peak_repeats` times after every repeat of the model, in the same
+process: `share_of_peak` is the median over repeats of the repeat's model FLOP/s over the peak taken
+just after it, so a slow phase of the machine (it has some, tens of seconds long) slows both sides
+of a ratio instead of one. `peak_gflops` is the median of those peaks (with `_min` and `_max`).
 `loadavg` is the first field of /proc/loadavg before the model's work started (the benchmark loads
 the machine itself, so a later reading would count it); `other_cores_busy` is the CPU time that
 other processes used during the timed repeats, in cores, from /proc/stat minus this process.
@@ -393,18 +396,31 @@ def estimate_steps(
     return max(1, math.ceil(target_s / step_s))
 
 
+class PeakMatmul:
+    """A jitted float32 `jnp.dot` of two [size, size] matrices, compiled once, timed on demand."""
+
+    def __init__(self, size: int):
+        rng = np.random.default_rng(0)  # numpy: no jax.random kernels to compile and run first
+        self.a, self.b = (
+            jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2)
+        )
+        self.flops = 2 * size**3
+        self.dot = jax.jit(jnp.dot)
+        self.dot(self.a, self.b).block_until_ready()  # compile
+
+    def gflops(self, runs: int) -> float:
+        """Median GFLOP/s of `runs` timed runs."""
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.dot(self.a, self.b).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return self.flops / statistics.median(times) / 1e9
+
+
 def matmul_peak_gflops(size: int, repeats: int) -> float:
     """Median GFLOP/s of a jitted float32 `jnp.dot` of two [size, size] matrices."""
-    rng = np.random.default_rng(0)  # numpy: no jax.random kernels to compile and run first
-    a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
+    return PeakMatmul(size).gflops(repeats)
 
 
 def xla_flops(executable, num_devices: int) -> float:
@@ -434,7 +450,7 @@ def run_benchmark(
     mode: str = "memory",
     steps: int | None = None,
     repeats: int = 5,
-    peak_repeats: int = 5,
+    peak_repeats: int = 2,
 ) -> dict[str, Any]:
     """Benchmarks one model; returns the JSON line's fields (see the module docstring).
 
@@ -444,7 +460,8 @@ def run_benchmark(
       steps: steps per timed repeat; None picks about TARGET_REPEAT_S seconds' worth (separately
         for memory and pipeline steps).
       repeats: timed repeats (per kind, in pipeline mode).
-      peak_repeats: timed runs of each peak matmul.
+      peak_repeats: timed runs of the 4096 peak matmul after each repeat (and of the 2048 one,
+        once, at the end).
     """
     if mode not in ("memory", "pipeline"):
         raise ValueError(f"Unknown mode {mode!r}; use 'memory' or 'pipeline'.")
@@ -484,22 +501,37 @@ def run_benchmark(
         pipeline_steps = steps or estimate_steps(
             runner, next_batch, TARGET_REPEAT_S, train=pipe.train
         )
+    # The peak is measured after every repeat, so that each repeat has one taken under the same
+    # conditions: this machine has slow phases tens of seconds long, which a peak measured once,
+    # after all repeats, would miss or catch alone.
+    peak_dot, peaks = PeakMatmul(4096), []
     for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
         memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
         if pipeline:
             pipeline_times.append(
                 meter.time(lambda: runner.run(pipeline_steps, next_batch, pipe.train))
             )
-
-    peak = matmul_peak_gflops(4096, peak_repeats)
+        peaks.append(peak_dot.gflops(peak_repeats))
+    del peak_dot
     peak_2048 = matmul_peak_gflops(2048, peak_repeats)
     flops = model_flops(config, features)
     visible_flops = model_flops(config, features, visible_scores_only=True)
     flops_xla = xla_flops(executable, mesh.size)
 
     memory = _step_stats(memory_times, memory_steps)
-    timed = _step_stats(pipeline_times, pipeline_steps) if pipeline else memory
+    timed_times, timed_steps = (
+        (pipeline_times, pipeline_steps) if pipeline else (memory_times, memory_steps)
+    )
+    timed = _step_stats(timed_times, timed_steps)
     step_s = timed["step_ms"] / 1e3
+
+    def share(model_flops_per_step: float) -> float:
+        """Median over repeats of the repeat's model FLOP/s over the peak measured after it."""
+        return statistics.median(
+            model_flops_per_step * timed_steps / t / (p * 1e9)
+            for t, p in zip(timed_times, peaks, strict=True)
+        )
+
     batch_size = config.data.batch_size
     result: dict[str, Any] = {
         "model": name,
@@ -513,10 +545,12 @@ def run_benchmark(
         {
             "flops_per_step": flops,
             "xla_flops_per_step": flops_xla,
-            "peak_gflops": peak,
+            "peak_gflops": statistics.median(peaks),
+            "peak_gflops_min": min(peaks),
+            "peak_gflops_max": max(peaks),
             "peak_gflops_2048": peak_2048,
-            "share_of_peak": flops / step_s / (peak * 1e9),
-            "share_of_peak_visible_scores": visible_flops / step_s / (peak * 1e9),
+            "share_of_peak": share(flops),
+            "share_of_peak_visible_scores": share(visible_flops),
             "compile_s": compile_s,
             "first_step_s": first_step_s,
             "loadavg": loadavg,
@@ -571,7 +605,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--steps", type=int, default=None, help=f"steps per repeat (default: ~{TARGET_REPEAT_S} s)"
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak_repeats", type=int, default=5, help="runs of each peak matmul")
+    parser.add_argument(
+        "--peak_repeats", type=int, default=2, help="runs of the peak matmul after each repeat"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # see main()
     args = parser.parse_args(argv)
     if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.peak_repeats < 1:

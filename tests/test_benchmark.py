@@ -23,7 +23,7 @@ KEYS = {
     "devices",
     "jax_version",
 }
-# Tiny runs: a few steps, one timed peak matmul of each size.
+# Tiny runs: a few steps, one timed peak matmul after each repeat.
 QUICK = ["--model=mlp", "--steps=5", "--repeats=2", "--peak_repeats=1"]
 
 
@@ -56,6 +56,13 @@ def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
     assert 0 < line["share_of_peak"] < 2
     assert line["peak_gflops"] > 0 and line["compile_s"] > 0
     assert line["step_ms_min"] <= line["step_ms"] <= line["step_ms_max"]
+    # One peak per repeat, each repeat's share against its own: the median share lies between
+    # the slowest repeat over the fastest peak and the fastest repeat over the slowest peak.
+    assert line["peak_gflops_min"] <= line["peak_gflops"] <= line["peak_gflops_max"]
+    flops_per_ms = line["flops_per_step"] / 1e6  # GFLOP per step / ms = GFLOP/s
+    lowest = flops_per_ms / line["step_ms_max"] / line["peak_gflops_max"]
+    highest = flops_per_ms / line["step_ms_min"] / line["peak_gflops_min"]
+    assert lowest * (1 - 1e-9) <= line["share_of_peak"] <= highest * (1 + 1e-9)
     assert line["examples_per_s"] == pytest.approx(128 / (line["step_ms"] / 1e3))
 
 

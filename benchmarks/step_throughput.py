@@ -27,9 +27,10 @@ Modes:
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
 there), `xla_flops_per_step` XLA's cost analysis of the compiled step. The peak is a jitted float32
 4096x4096 `jnp.dot`, timed `--peak_repeats` times after every repeat of the model, in the same
-process: `share_of_peak` is the median over repeats of the repeat's model FLOP/s over the peak taken
-just after it, so a slow phase of the machine (it has some, tens of seconds long) slows both sides
-of a ratio instead of one. `peak_gflops` is the median of those peaks (with `_min` and `_max`).
+process. `share_of_peak` is the median over repeats of the repeat's model FLOP/s over the peak
+taken just after it (`_min`, `_max`: the extremes over repeats), so that a slow phase of the
+machine (it has some, tens of seconds long) slows both sides of a ratio instead of one.
+`peak_gflops` is the median of those peaks (with `_min` and `_max`).
 `loadavg` is the first field of /proc/loadavg before the model's work started (the benchmark loads
 the machine itself, so a later reading would count it); `other_cores_busy` is the CPU time that
 other processes used during the timed repeats, in cores, from /proc/stat minus this process.
@@ -525,12 +526,12 @@ def run_benchmark(
     timed = _step_stats(timed_times, timed_steps)
     step_s = timed["step_ms"] / 1e3
 
-    def share(model_flops_per_step: float) -> float:
-        """Median over repeats of the repeat's model FLOP/s over the peak measured after it."""
-        return statistics.median(
+    def shares(model_flops_per_step: float) -> list[float]:
+        """Each repeat's model FLOP/s over the peak measured after it."""
+        return [
             model_flops_per_step * timed_steps / t / (p * 1e9)
             for t, p in zip(timed_times, peaks, strict=True)
-        )
+        ]
 
     batch_size = config.data.batch_size
     result: dict[str, Any] = {
@@ -549,8 +550,10 @@ def run_benchmark(
             "peak_gflops_min": min(peaks),
             "peak_gflops_max": max(peaks),
             "peak_gflops_2048": peak_2048,
-            "share_of_peak": share(flops),
-            "share_of_peak_visible_scores": share(visible_flops),
+            "share_of_peak": statistics.median(shares(flops)),
+            "share_of_peak_min": min(shares(flops)),
+            "share_of_peak_max": max(shares(flops)),
+            "share_of_peak_visible_scores": statistics.median(shares(visible_flops)),
             "compile_s": compile_s,
             "first_step_s": first_step_s,
             "loadavg": loadavg,

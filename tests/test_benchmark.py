@@ -63,6 +63,7 @@ def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
     lowest = flops_per_ms / line["step_ms_max"] / line["peak_gflops_max"]
     highest = flops_per_ms / line["step_ms_min"] / line["peak_gflops_min"]
     assert lowest * (1 - 1e-9) <= line["share_of_peak"] <= highest * (1 + 1e-9)
+    assert line["share_of_peak_min"] <= line["share_of_peak"] <= line["share_of_peak_max"]
     assert line["examples_per_s"] == pytest.approx(128 / (line["step_ms"] / 1e3))
 
 

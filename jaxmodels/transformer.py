@@ -73,31 +73,6 @@ def _attend_backward(residuals, d_out: jax.Array):
 attend.defvjp(_attend_forward, _attend_backward)
 
 
-def attend_in_head_groups(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """`attend`, on XLA:CPU in two independent halves of the heads (elsewhere all at once).
-
-    XLA:CPU runs a batched matmul (one per head and example) on one core, as fast with one core
-    as with two. Two halves that do not depend on each other let it run one on each core. The
-    small benchmark Transformer (6 heads), four interleaved pairs: 0.1-1.5% faster a step; the
-    tiny one (4 heads) unchanged. Each head's result is the same either way.
-
-    Args:
-      q, k, v, bias: as for `attend`; `bias` may have a heads axis (second of four).
-
-    Returns:
-      `[batch, heads, q_len, head_dim]` in the dtype of `v`.
-    """
-    heads = q.shape[1]
-    if jax.default_backend() != "cpu" or heads % 2:
-        return attend(q, k, v, bias)
-    half = heads // 2
-    outs = []
-    for group in (slice(0, half), slice(half, heads)):
-        group_bias = bias[:, group] if bias.ndim == 4 and bias.shape[1] == heads else bias
-        outs.append(attend(q[:, group], k[:, group], v[:, group], group_bias))
-    return jnp.concatenate(outs, axis=1)
-
-
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) -> jax.Array:
     """Causal attention that skips most of the masked upper triangle of the score matrix.
 
@@ -123,9 +98,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_chunks: int) 
         # A numpy constant: query i (absolute position) sees key j iff j <= i.
         visible = np.arange(stop)[None, :] <= np.arange(start, stop)[:, None]  # [q_len, stop]
         bias = np.where(visible, 0.0, _MASKED).astype(np.float32)
-        outs.append(
-            attend_in_head_groups(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias)
-        )
+        outs.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
@@ -189,7 +162,7 @@ class SelfAttention(nn.Module):
             out = causal_attention(q, k, v, self.query_chunks)
         else:
             bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
-            out = attend_in_head_groups(q, k, v, bias)
+            out = attend(q, k, v, bias)
         out_kernel, out_bias = (
             p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
         )

@@ -419,11 +419,6 @@ class PeakMatmul:
         return self.flops / statistics.median(times) / 1e9
 
 
-def matmul_peak_gflops(size: int, repeats: int) -> float:
-    """Median GFLOP/s of a jitted float32 `jnp.dot` of two [size, size] matrices."""
-    return PeakMatmul(size).gflops(repeats)
-
-
 def xla_flops(executable, num_devices: int) -> float:
     """FLOPs of the compiled step from XLA's cost analysis, summed over the mesh's devices.
 
@@ -514,7 +509,7 @@ def run_benchmark(
             )
         peaks.append(peak_dot.gflops(peak_repeats))
     del peak_dot
-    peak_2048 = matmul_peak_gflops(2048, peak_repeats)
+    peak_2048 = PeakMatmul(2048).gflops(peak_repeats)
     flops = model_flops(config, features)
     visible_flops = model_flops(config, features, visible_scores_only=True)
     flops_xla = xla_flops(executable, mesh.size)
@@ -533,6 +528,8 @@ def run_benchmark(
             for t, p in zip(timed_times, peaks, strict=True)
         ]
 
+    flop_shares = shares(flops)
+
     batch_size = config.data.batch_size
     result: dict[str, Any] = {
         "model": name,
@@ -550,9 +547,9 @@ def run_benchmark(
             "peak_gflops_min": min(peaks),
             "peak_gflops_max": max(peaks),
             "peak_gflops_2048": peak_2048,
-            "share_of_peak": statistics.median(shares(flops)),
-            "share_of_peak_min": min(shares(flops)),
-            "share_of_peak_max": max(shares(flops)),
+            "share_of_peak": statistics.median(flop_shares),
+            "share_of_peak_min": min(flop_shares),
+            "share_of_peak_max": max(flop_shares),
             "share_of_peak_visible_scores": statistics.median(shares(visible_flops)),
             "compile_s": compile_s,
             "first_step_s": first_step_s,

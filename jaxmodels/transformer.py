@@ -161,8 +161,7 @@ class SelfAttention(nn.Module):
         if mask is None:
             out = causal_attention(q, k, v, self.query_chunks)
         else:
-            bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
-            out = attend(q, k, v, bias)
+            out = attend(q, k, v, jnp.where(mask, 0.0, _MASKED).astype(jnp.float32))
         out_kernel, out_bias = (
             p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
         )

@@ -14,11 +14,7 @@ import pytest
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
 from jaxmodels.cnn import PatchConv, max_pool_2x2
 from jaxmodels.lstm import _activate_gates, _lstm_step, lstm_sequence
-from jaxmodels.transformer import (
-    SelfAttention,
-    attend,
-    causal_attention,
-)
+from jaxmodels.transformer import SelfAttention, attend, causal_attention
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
 SMALL_FIELDS = {

@@ -11,10 +11,13 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
 `python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
 its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
-`train.host_memory`).
+`train.host_memory`). Where the config sets `train.steps_per_call` > 1 (the MLP: 25), every call
+is that many steps (`train.steps.train_steps` on stacked batches), as in the loop, and the times
+are per step.
 
 Modes:
-  memory    one fixed random batch, put on device once, laid out as the step takes it. Tracing,
+  memory    one fixed random batch (stacked `steps_per_call` times), put on device once, laid
+            out as the step takes it. Tracing,
             lowering and compiling the step gives `compile_s` (`first_step_s` adds its first run);
             then `--repeats` times `--steps` steps, with one `jax.block_until_ready` at the end of
             each repeat (after every step over several CPU devices, as the loop waits for each).
@@ -25,7 +28,8 @@ Modes:
             as load on this machine drifts), which gives `share_of_memory_throughput`.
 
 Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
-there), `xla_flops_per_step` XLA's cost analysis of the compiled step. The peak is a jitted float32
+there), `xla_flops_per_step` XLA's cost analysis of the compiled step (or call: it counts the body
+of the steps' scan once, so still one step). The peak is a jitted float32
 4096x4096 `jnp.dot`, timed `--peak_repeats` times after every repeat of the model, in the same
 process. `share_of_peak` is the median over repeats of the repeat's model FLOP/s over the peak
 taken just after it (`_min`, `_max`: the extremes over repeats), so that a slow phase of the
@@ -327,7 +331,8 @@ def build(name: str, pipeline: bool = False) -> Setup:
     state, state_sharding = loop.init_state(
         config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
     )
-    compiled = loop.compile_jit(mesh, state_sharding)
+    per_call = loop.get_steps_per_call(config.train)
+    compiled = loop.compile_jit(mesh, state_sharding, steps_per_call=per_call)
     batch = jax.device_put(host_batch, NamedSharding(mesh, P(loop.BATCH_AXES)))
     return Setup(config, features, mesh, state, state_sharding, compiled, batch)
 
@@ -371,14 +376,15 @@ class CpuMeter:
 
 
 class Runner:
-    """A donated, compiled train step and its state; `run(n, next_batch)` takes n steps."""
+    """A donated, compiled train step and its state; `run(n, next_batch)` makes n calls of it (of
+    `train.steps_per_call` steps each)."""
 
     def __init__(self, train: Callable, state, rng: jax.Array):
         self.train, self.state, self.rng = train, state, rng
 
     def run(self, num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
-        """n steps (of `train`, if given, on the same state); one host sync at the end (the state
-        is donated, so it is replaced each step)."""
+        """n calls (of `train`, if given, on the same state); one host sync at the end (the state
+        is donated, so it is replaced each call)."""
         state, train = self.state, train or self.train
         for _ in range(num_steps):
             state, _ = train(state, next_batch(), self.rng)
@@ -388,7 +394,7 @@ class Runner:
 def estimate_steps(
     runner: Runner, next_batch: Callable[[], Any], target_s: float, train: Callable | None = None
 ) -> int:
-    """Runs warm steps for about WARMUP_S seconds; returns the step count for about `target_s`."""
+    """Runs warm calls for about WARMUP_S seconds; returns the call count for about `target_s`."""
     count, start = 0, time.perf_counter()
     while count < 2 or time.perf_counter() - start < WARMUP_S:
         runner.run(1, next_batch, train)
@@ -466,8 +472,16 @@ def run_benchmark(
     config, features, mesh, state, state_sharding, compiled, batch = build(name, pipeline)
     rng = jax.random.key(config.seed + 1)
 
+    # With train.steps_per_call > 1 (the MLP) the loop calls `train_steps` on stacked batches, and
+    # so does this: memory mode stacks copies of its batch, pipeline mode iterator batches.
+    per_call = loop.get_steps_per_call(config.train)
+    if per_call > 1:
+        stacked = NamedSharding(mesh, P(None, loop.BATCH_AXES))
+        batch = jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * per_call), batch), stacked)
+    train = compiled.train_steps if per_call > 1 else compiled.train
+
     start = time.perf_counter()
-    executable = compiled.train.lower(state, batch, rng).compile()  # trace, lower and compile
+    executable = train.lower(state, batch, rng).compile()  # trace, lower and compile
     compile_s = time.perf_counter() - start
     state, sums = executable(state, batch, rng)  # the same program the loop's jit call runs
     jax.block_until_ready((state, sums))
@@ -477,7 +491,8 @@ def run_benchmark(
     # deadlock an all-reduce); the executable run directly must too.
     serial = loop.serializes_collectives(mesh.devices.flat)
     runner = Runner(loop.one_at_a_time(executable) if serial else executable, state, rng)
-    memory_steps = steps or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
+    calls = None if steps is None else -(-steps // per_call)  # --steps, rounded up to whole calls
+    memory_calls = calls or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
     if pipeline:
@@ -486,26 +501,35 @@ def run_benchmark(
         setup_start = time.perf_counter()
         on_device = config.data.on_device
         examples, decode = data.device_examples(config.data) if on_device else (None, None)
-        pipe = loop.compile_jit(mesh, state_sharding, train_examples=examples, decode=decode)
+        pipe = loop.compile_jit(
+            mesh,
+            state_sharding,
+            train_examples=examples,
+            decode=decode,
+            steps_per_call=per_call,
+        )
         train_iter = data.train_iterator(config.data, seed=config.seed, indices_only=on_device)
+        pipe_train = pipe.train_steps if per_call > 1 else pipe.train
 
         def next_batch():
-            return pipe.put_batch(next(train_iter))
+            if per_call == 1:
+                return pipe.put_batch(next(train_iter))
+            return pipe.put_batches(loop.stack([next(train_iter) for _ in range(per_call)]))
 
-        runner.run(1, next_batch, pipe.train)  # compiles the gathering step, outside the timing
+        runner.run(1, next_batch, pipe_train)  # compiles the gathering step, outside the timing
         pipeline_setup_s = time.perf_counter() - setup_start
-        pipeline_steps = steps or estimate_steps(
-            runner, next_batch, TARGET_REPEAT_S, train=pipe.train
+        pipeline_calls = calls or estimate_steps(
+            runner, next_batch, TARGET_REPEAT_S, train=pipe_train
         )
     # The peak is measured after every repeat, so that each repeat has one taken under the same
     # conditions: this machine has slow phases tens of seconds long, which a peak measured once,
     # after all repeats, would miss or catch alone.
     peak_dot, peaks = PeakMatmul(4096), []
     for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
-        memory_times.append(meter.time(lambda: runner.run(memory_steps, lambda: batch)))
+        memory_times.append(meter.time(lambda: runner.run(memory_calls, lambda: batch)))
         if pipeline:
             pipeline_times.append(
-                meter.time(lambda: runner.run(pipeline_steps, next_batch, pipe.train))
+                meter.time(lambda: runner.run(pipeline_calls, next_batch, pipe_train))
             )
         peaks.append(peak_dot.gflops(peak_repeats))
     del peak_dot
@@ -514,6 +538,8 @@ def run_benchmark(
     visible_flops = model_flops(config, features, visible_scores_only=True)
     flops_xla = xla_flops(executable, mesh.size)
 
+    memory_steps = memory_calls * per_call
+    pipeline_steps = pipeline_calls * per_call if pipeline else 0
     memory = _step_stats(memory_times, memory_steps)
     timed_times, timed_steps = (
         (pipeline_times, pipeline_steps) if pipeline else (memory_times, memory_steps)
@@ -557,6 +583,7 @@ def run_benchmark(
             "loadavg_end": read_loadavg(),
             "other_cores_busy": meter.cores(),
             "steps": pipeline_steps if pipeline else memory_steps,
+            "steps_per_call": per_call,
             "repeats": repeats,
             "batch_size": batch_size,
             "devices": jax.device_count(),

@@ -58,6 +58,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices
     config.train.mesh.fsdp = 1  # >1 shards params and optimizer state (FSDP)
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
+    config.train.steps_per_call = 1  # steps run in one compiled call; >1 for sub-ms steps
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
     config.train.reuse_host_memory = True  # XLA:CPU reuses freed buffers (train/host_memory.py)
     config.train.sample_lines = 0  # language models only: text lines sampled at the end

@@ -63,6 +63,10 @@ BAD_INPUT = {
         [TINY, "--config.train.parallelism=tpu"],
         "Unknown train.parallelism 'tpu'; use 'jit' or 'pmap'.",
     ),
+    "steps per call not positive": (
+        [TINY, "--config.train.steps_per_call=0"],
+        "train.steps_per_call must be an integer >= 1, got 0.",
+    ),
     "workdir holds another model": (
         [TINY],
         "holds a run of model 'cnn', not 'mlp'; pass a different --workdir.",

@@ -65,6 +65,8 @@ def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
     assert lowest * (1 - 1e-9) <= line["share_of_peak"] <= highest * (1 + 1e-9)
     assert line["share_of_peak_min"] <= line["share_of_peak"] <= line["share_of_peak_max"]
     assert line["examples_per_s"] == pytest.approx(128 / (line["step_ms"] / 1e3))
+    # configs/mlp.py runs 25 steps per call, as the loop does: --steps=5 rounds up to one call.
+    assert (line["steps_per_call"], line["steps"]) == (25, 25)
 
 
 def test_pipeline_mode_compares_with_memory_throughput(benchmark, capsys):

@@ -72,8 +72,45 @@ def test_split_in_device_memory_trains_like_host_batches(name, tmp_path):
     chex.assert_trees_all_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
 
 
+def test_calls_of_several_steps_stop_at_every_report_and_save():
+    config = load_config(CONFIGS / "mlp.py:tiny").train
+    config.steps_per_call, config.num_steps = 4, 30
+    config.log_every, config.checkpoint_every = 10, 20
+    calls, step = [], 0
+    while step < config.num_steps:
+        calls.append(loop.steps_in_call(step, config))
+        step += calls[-1]
+    # By hand: 4-step calls start at multiples of 4 and may end at, not pass, steps 10, 20 and 30.
+    # Steps 8-11 would pass 10 (8, 9, 10, 11 run alone); 28-31 would pass 30 (28, 29 alone).
+    assert calls == [4, 4, 1, 1, 1, 1, 4, 4, 4, 4, 1, 1]
+    config.steps_per_call = 1
+    assert {loop.steps_in_call(step, config) for step in range(30)} == {1}
+
+
+def test_calls_of_several_steps_train_like_one_step_per_call(tmp_path):
+    # The tiny MLP's 25 steps per call against 1, its split in device memory, on 4 devices
+    # (conftest): the indices are stacked and laid out over the mesh per step. Reports at 50 and
+    # 100, and steps 101-110 (after the last full call) run one per call.
+    config = load_config(CONFIGS / "mlp.py:tiny")
+    config.train.num_steps = 110
+    assert config.train.steps_per_call == 25 and config.data.on_device
+    runs = {}
+    for per_call in (25, 1):
+        config.train.steps_per_call = per_call
+        state, _ = loop.train_and_evaluate(config, tmp_path / str(per_call))
+        reports = read_metrics(tmp_path / str(per_call) / "metrics.jsonl")
+        runs[per_call] = (reports, jax.device_get(state.params))
+    assert [r["step"] for r in runs[25][0]] == [50, 100, 110]
+    chex.assert_trees_all_equal(runs[25][1], runs[1][1])
+    for a, b in zip(runs[25][0], runs[1][0], strict=True):
+        assert a["step"] == b["step"]
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-6)
+        assert a.get("eval/loss") == b.get("eval/loss")  # at 100 and 110; equal parameters
+
+
 def test_resume_continues_exactly(tmp_path):
-    """A run restarted from its step-100 checkpoint ends bitwise equal to the uninterrupted run."""
+    """A run restarted from its step-100 checkpoint ends bitwise equal to the uninterrupted run
+    (25 steps per call, as configs/mlp.py sets)."""
     config = load_config(CONFIGS / "mlp.py:tiny")
     config.model.dropout_rate = 0.1  # the resumed run must also draw the same dropout masks
     whole, _ = loop.train_and_evaluate(config, tmp_path / "whole")

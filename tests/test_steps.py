@@ -134,6 +134,53 @@ def test_same_losses_on_1_2_and_4_devices_for_dp_fsdp_and_pmap(name):
         chex.assert_trees_all_close(params, reference_params, rtol=1e-5, atol=1e-4)
 
 
+def compile_layout(config, mode: str, num_devices: int, steps_per_call: int = 1):
+    """(compiled steps, fresh state) for `mode` on the first `num_devices` devices (run_losses)."""
+    devices = jax.devices()[:num_devices]
+    fsdp = num_devices if mode == "fsdp" else 1
+    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    state, shardings = loop.init_state(config, mesh, jax.random.key(0))
+    if mode == "pmap":
+        return loop.compile_pmap(devices, steps_per_call=steps_per_call), state
+    return loop.compile_jit(mesh, shardings, steps_per_call=steps_per_call), state
+
+
+# train.steps_per_call: the same steps in one lax.scan, on every layout of the tiny MLP and on the
+# Transformer's two jit layouts.
+STEPS_PER_CALL_LAYOUTS = {
+    "mlp": [("dp", 1), ("dp", 4), ("fsdp", 2), ("pmap", 4)],
+    "transformer": [("dp", 1), ("fsdp", 2)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEPS_PER_CALL_LAYOUTS))
+def test_four_steps_in_one_call_are_bitwise_the_four_steps_one_by_one(name):
+    config = load_config(CONFIGS / f"{name}.py:tiny")
+    config.data.batch_size = 16
+    iterator = data.train_iterator(config.data, seed=0)
+    batches = [next(iterator) for _ in range(4)]
+    for mode, num_devices in STEPS_PER_CALL_LAYOUTS[name]:
+        compiled, state = compile_layout(config, mode, num_devices, steps_per_call=4)
+        start = jax.tree.map(lambda x: x.copy(), state)  # the steps donate their state
+        run_state, loss_sum, rng = compiled.to_run(state), 0.0, jax.random.key(3)
+        for batch in batches:
+            run_state, sums = compiled.train(run_state, compiled.put_batch(batch), rng)
+            loss_sum += float(sums["loss_sum"])
+        one_by_one = jax.device_get(compiled.from_run(run_state))
+
+        stacked = compiled.put_batches(loop.stack(batches))
+        run_state, sums = compiled.train_steps(compiled.to_run(start), stacked, rng)
+        in_one_call = jax.device_get(compiled.from_run(run_state))
+        message = f"{mode} on {num_devices} devices"
+        assert int(in_one_call.step) == 4, message
+        chex.assert_trees_all_equal(in_one_call.params, one_by_one.params, custom_message=message)
+        chex.assert_trees_all_equal(in_one_call.opt_state, one_by_one.opt_state)
+        assert float(sums["count"]) == 4 * config.data.batch_size * (config.data.seq_len or 1), (
+            message
+        )
+        np.testing.assert_allclose(float(sums["loss_sum"]), loss_sum, rtol=1e-6, err_msg=message)
+
+
 def test_fsdp_shards_parameters_and_optimizer_state():
     config = load_config(CONFIGS / "transformer.py:tiny")
     mesh = loop.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))

@@ -41,6 +41,10 @@ class Compiled(NamedTuple):
     eval: Callable[[Any, Any], dict[str, jax.Array]]
     to_run: Callable[[TrainState], Any]
     from_run: Callable[[Any], TrainState]
+    # Several steps per call (`steps.train_steps`) on batches stacked `[steps, batch, ...]`, as
+    # `put_batches` lays them out; None where the loop was compiled for one step per call.
+    put_batches: Callable[[dict[str, np.ndarray]], Any] | None = None
+    train_steps: Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]] | None = None
 
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes
@@ -133,6 +137,7 @@ def compile_jit(
     grad_accum_steps: int = 1,
     train_examples: dict[str, np.ndarray] | None = None,
     decode: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
+    steps_per_call: int = 1,
 ) -> Compiled:
     """jit over the mesh: the batch is split along its first axis over all devices, the state is
     replicated (data parallel) or sharded over `fsdp` (see `param_spec`), and XLA inserts the
@@ -145,15 +150,44 @@ def compile_jit(
     from the host instead of the whole batch. On this 2-core CPU that is what lets a 0.6 ms MLP
     step run at the speed of a batch already in memory; on an accelerator it takes the
     host-to-device copy off every step. `eval` still takes host batches.
+
+    With `steps_per_call` > 1, `train_steps` runs that many steps in one call on batches stacked
+    `[steps_per_call, batch, ...]` (`put_batches`; with `train_examples`, stacked indices), and
+    `train` still runs one.
     """
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    stacked_sharding = NamedSharding(mesh, P(None, BATCH_AXES))  # [steps, batch, ...]
     step = functools.partial(steps.train_step, grad_accum_steps=grad_accum_steps)
     shardings = dict(out_shardings=(state_sharding, replicated), donate_argnums=0)
-    if train_examples is None:
-        train = jax.jit(
-            step, in_shardings=(state_sharding, batch_sharding, replicated), **shardings
+
+    def jit_steps(step_fn, batch_sharding, *, examples=None):
+        """jit of `step_fn(state, batch, rng)`, or of `step_fn(state, examples, batch, rng)`."""
+        if examples is None:
+            return jax.jit(
+                step_fn, in_shardings=(state_sharding, batch_sharding, replicated), **shardings
+            )
+        compiled = jax.jit(
+            step_fn,
+            in_shardings=(state_sharding, replicated, batch_sharding, replicated),
+            **shardings,
         )
+        return lambda state, batch, rng: compiled(state, examples, batch, rng)
+
+    def many(step_fn):
+        """`step_fn(state, [examples,] batch, rng)`, once per batch of a stacked batch."""
+
+        def call(state, *args):
+            *examples, batches, rng = args
+            return steps.train_steps(
+                state, batches, rng, step=lambda s, b, r: step_fn(s, *examples, b, r)
+            )
+
+        return call
+
+    if train_examples is None:
+        train = jit_steps(step, batch_sharding)
+        train_many = jit_steps(many(step), stacked_sharding) if steps_per_call > 1 else None
     else:
 
         def gather_and_train(state, examples, index_batch, rng):
@@ -163,52 +197,67 @@ def compile_jit(
                 batch = decode(batch)
             return step(state, batch, rng)
 
-        gather_train = jax.jit(
-            gather_and_train,
-            in_shardings=(state_sharding, replicated, batch_sharding, replicated),
-            **shardings,
-        )
         on_device = jax.block_until_ready(
             {  # the same arrays on every device; valid with many processes too
                 k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
                 for k, v in train_examples.items()
             }
         )
-
-        def train(state, index_batch, rng):
-            return gather_train(state, on_device, index_batch, rng)
+        train = jit_steps(gather_and_train, batch_sharding, examples=on_device)
+        train_many = None
+        if steps_per_call > 1:
+            train_many = jit_steps(many(gather_and_train), stacked_sharding, examples=on_device)
 
     evaluate = jax.jit(
         steps.eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=replicated
     )
 
-    def put_batch(batch):
-        if mesh.size == 1:
-            # jit copies numpy arguments to their device itself, about 10x faster per array than a
-            # separate device_put (9 us against 70 us on this CPU).
-            return batch
-        # Each process holds its own rows; together they form the global batch.
-        return {
-            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()
-        }
+    def put(sharding):
+        def put_batch(batch):
+            if mesh.size == 1:
+                # jit copies numpy arguments to their device itself, about 10x faster per array
+                # than a separate device_put (9 us against 70 us on this CPU).
+                return batch
+            # Each process holds its own rows; together they form the global batch.
+            return {
+                k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
+            }
+
+        return put_batch
 
     if serializes_collectives(mesh.devices.flat):
         train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
+        train_many = train_many and one_at_a_time(train_many)
     identity = lambda state: state  # noqa: E731
-    return Compiled(put_batch, train, evaluate, identity, identity)
-
-
-def compile_pmap(devices: list | None = None, grad_accum_steps: int = 1) -> Compiled:
-    """The same pure steps under jax.pmap: one state copy per local device, gradients and metric
-    sums combined with psum over the `batch` axis."""
-    devices = jax.local_devices() if devices is None else devices
-    train = jax.pmap(
-        functools.partial(steps.train_step, axis_name=PMAP_AXIS, grad_accum_steps=grad_accum_steps),
-        axis_name=PMAP_AXIS,
-        in_axes=(0, 0, None),
-        donate_argnums=0,
-        devices=devices,
+    put_batches = put(stacked_sharding) if train_many else None
+    return Compiled(
+        put(batch_sharding), train, evaluate, identity, identity, put_batches, train_many
     )
+
+
+def compile_pmap(
+    devices: list | None = None, grad_accum_steps: int = 1, steps_per_call: int = 1
+) -> Compiled:
+    """The same pure steps under jax.pmap: one state copy per local device, gradients and metric
+    sums combined with psum over the `batch` axis. `steps_per_call` as in `compile_jit`."""
+    devices = jax.local_devices() if devices is None else devices
+    step = functools.partial(
+        steps.train_step, axis_name=PMAP_AXIS, grad_accum_steps=grad_accum_steps
+    )
+
+    def pmap_train(step_fn):
+        return jax.pmap(
+            step_fn,
+            axis_name=PMAP_AXIS,
+            in_axes=(0, 0, None),
+            donate_argnums=0,
+            devices=devices,
+        )
+
+    train = pmap_train(step)
+    train_many = None
+    if steps_per_call > 1:
+        train_many = pmap_train(functools.partial(steps.train_steps, step=step))
     evaluate = jax.pmap(
         functools.partial(steps.eval_step, axis_name=PMAP_AXIS),
         axis_name=PMAP_AXIS,
@@ -218,6 +267,13 @@ def compile_pmap(devices: list | None = None, grad_accum_steps: int = 1) -> Comp
     def put_batch(batch):
         # [local_batch, ...] -> [local_devices, local_batch / local_devices, ...]
         return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in batch.items()}
+
+    def put_batches(batches):
+        # [steps, local_batch, ...] -> [local_devices, steps, local_batch / local_devices, ...]
+        return {
+            k: np.swapaxes(v.reshape(v.shape[0], len(devices), -1, *v.shape[2:]), 0, 1)
+            for k, v in batches.items()
+        }
 
     def first(tree):  # metrics were psum'd, so every device holds the same values
         return jax.tree.map(lambda x: x[0], tree)
@@ -232,18 +288,25 @@ def compile_pmap(devices: list | None = None, grad_accum_steps: int = 1) -> Comp
             tree,
         )
 
-    def train_first(state, batch, rng):
-        state, sums = train(state, batch, rng)
-        return state, first(sums)
-
     if serializes_collectives(devices):
         train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
+        train_many = train_many and one_at_a_time(train_many)
+
+    def metrics_once(train_fn):
+        def call(state, batch, rng):
+            state, sums = train_fn(state, batch, rng)
+            return state, first(sums)
+
+        return call
+
     return Compiled(
         put_batch,
-        train_first,
+        metrics_once(train),
         lambda state, batch: first(evaluate(state, batch)),
         replicate,
         first,
+        put_batches if train_many else None,
+        train_many and metrics_once(train_many),
     )
 
 
@@ -411,8 +474,9 @@ def train_and_evaluate(
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
-    SIGTERM or SIGINT stops the run after the current step with a checkpoint; calling this again
-    with the same workdir resumes it.
+    SIGTERM or SIGINT stops the run after the current step (the current call of
+    `train.steps_per_call` steps) with a checkpoint; calling this again with the same workdir
+    resumes it.
 
     Returns:
       (the final train state, the scalars of the last report).
@@ -424,6 +488,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
     check_batch_size(config)
+    get_steps_per_call(config.train)  # a bad value fails before anything is built
     if config.train.parallelism not in ("jit", "pmap"):
         raise ValueError(
             f"Unknown train.parallelism {config.train.parallelism!r}; use 'jit' or 'pmap'."
@@ -473,13 +538,18 @@ def train_and_evaluate(
     if had_checkpoints and start_step == 0:
         train_iter = new_train_iterator()  # every restore failed, and one may have moved it
 
-    accum = config.train.grad_accum_steps
+    accum, per_call = config.train.grad_accum_steps, get_steps_per_call(config.train)
     if config.train.parallelism == "pmap":
-        compiled = compile_pmap(grad_accum_steps=accum)
+        compiled = compile_pmap(grad_accum_steps=accum, steps_per_call=per_call)
     else:
         examples, decode = data.device_examples(config.data) if on_device else (None, None)
         compiled = compile_jit(
-            mesh, shardings, grad_accum_steps=accum, train_examples=examples, decode=decode
+            mesh,
+            shardings,
+            grad_accum_steps=accum,
+            train_examples=examples,
+            decode=decode,
+            steps_per_call=per_call,
         )
     writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
     try:
@@ -531,9 +601,9 @@ def setup_compile_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def timed_first_step(compiled: Compiled, run_state, batch, rng):
-    """Runs the first step, logging how long compiling and running it took, and whether the
-    executable came from the persistent compilation cache."""
+def timed_first_step(train: Callable, run_state, batch, rng, num_steps: int = 1):
+    """Runs the first call of `train` (`num_steps` steps), logging how long compiling and running
+    it took, and whether the executable came from the persistent compilation cache."""
     events: list[str] = []
 
     def listen(event: str, **kwargs) -> None:
@@ -543,13 +613,44 @@ def timed_first_step(compiled: Compiled, run_state, batch, rng):
     jax.monitoring.register_event_listener(listen)
     start = time.perf_counter()
     try:
-        run_state, sums = compiled.train(run_state, batch, rng)
+        run_state, sums = train(run_state, batch, rng)
         jax.block_until_ready(sums)
     finally:
         jax.monitoring.unregister_event_listener(listen)
     source = "from the compilation cache" if CACHE_HIT_EVENT in events else "compiled"
-    logging.info("First step: %.2f s (train step %s).", time.perf_counter() - start, source)
+    what = "First step" if num_steps == 1 else f"First {num_steps} steps (one call)"
+    logging.info("%s: %.2f s (train step %s).", what, time.perf_counter() - start, source)
     return run_state, sums
+
+
+def get_steps_per_call(train_config: ml_collections.ConfigDict) -> int:
+    """`train.steps_per_call` (absent: 1), checked."""
+    value = train_config.get("steps_per_call", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.steps_per_call must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:
+    """How many steps the call after `step` runs: `train.steps_per_call` or 1.
+
+    Calls of several steps start at multiples of `steps_per_call` and end at or before the next
+    log, checkpoint or last step, which the loop only sees between calls; the steps that do not fit
+    run one per call. Only step numbers decide, so a resumed run calls the same steps together as
+    an uninterrupted one (and gives bitwise the same state).
+    """
+    count = get_steps_per_call(train_config)
+    if count == 1 or step % count or step + count > train_config.num_steps:
+        return 1
+    for every in (train_config.log_every, train_config.checkpoint_every):
+        if (step // every + 1) * every < step + count:  # a log or save inside the call
+            return 1
+    return count
+
+
+def stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Host batches stacked along a new leading axis: `[len(batches), batch, ...]`."""
+    return {k: np.stack([batch[k] for batch in batches]) for k in batches[0]}
 
 
 def run_steps(
@@ -558,7 +659,8 @@ def run_steps(
     """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
 
     Returns (state, scalars of the last report, the last step run). Stops early, with a
-    checkpoint, once `should_stop()` is true.
+    checkpoint, once `should_stop()` is true (checked after every call: every step, or every
+    `train.steps_per_call` steps).
     """
     _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
     num_steps = config.train.num_steps
@@ -573,14 +675,20 @@ def run_steps(
         dynamic_ncols=True,
     )
     sums, window_start, window_time = None, start_step + 1, time.perf_counter()
-    for step in range(start_step + 1, num_steps + 1):
-        batch = compiled.put_batch(next(train_iter))
-        if step == start_step + 1:
-            run_state, step_sums = timed_first_step(compiled, run_state, batch, step_rng)
+    while step < num_steps:
+        count = steps_in_call(step, config.train) if compiled.train_steps else 1
+        if count == 1:
+            train, batch = compiled.train, compiled.put_batch(next(train_iter))
         else:
-            run_state, step_sums = compiled.train(run_state, batch, step_rng)
+            batches = stack([next(train_iter) for _ in range(count)])
+            train, batch = compiled.train_steps, compiled.put_batches(batches)
+        if step == start_step:
+            run_state, step_sums = timed_first_step(train, run_state, batch, step_rng, count)
+        else:
+            run_state, step_sums = train(run_state, batch, step_rng)
         sums = metrics.accumulate(sums, step_sums)  # stays on device until a report
-        progress.update()
+        step += count
+        progress.update(count)
 
         is_last = step == num_steps
         stop = should_stop()

@@ -6,6 +6,7 @@ language models (targets [batch, seq_len]). Steps return sums and a count, never
 averages stay exact over uneven batches, padded eval batches and devices.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -101,6 +102,34 @@ def train_step(
         grads = jax.lax.psum(grads, axis_name)
         sums = jax.lax.psum(sums, axis_name)
     return state.apply_gradients(grads=grads), sums
+
+
+def train_steps(
+    state: TrainState,
+    batches: Batch,
+    rng: jax.Array,
+    *,
+    step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]] = train_step,
+) -> tuple[TrainState, Metrics]:
+    """Several optimizer steps in one call: `step` on each batch along the leading axis, in order.
+
+    `batches` holds one batch per step, stacked: `[steps, batch, ...]`. A `lax.scan`, so the steps
+    compile once and run back to back on the device without the host in between; for steps of a
+    millisecond or less that host time is a large share (see `train.steps_per_call`). Each step
+    folds its own step number into `rng`, as a step called alone does.
+
+    Args:
+      state: the current TrainState.
+      batches: `[steps, ...]` stacked batches, as `step` takes them one at a time.
+      rng: the run's base key, passed unchanged to every step.
+      step: `(state, batch, rng) -> (state, metric sums)`; `train_step` with its keyword arguments
+        bound (`functools.partial`), or a function that prepares the batch and calls it.
+
+    Returns:
+      (state after the last step, metric sums added over the steps).
+    """
+    state, sums = jax.lax.scan(lambda state, batch: step(state, batch, rng), state, batches)
+    return state, jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
 
 
 def _split(batch: Batch, num_micro_batches: int) -> Batch:

@@ -50,10 +50,13 @@ def finish(process, timeout=300):
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     shared = tmp_path / "two_processes"  # one workdir, as on a shared file system
+    # Two steps per call: steps 1-4, 7-14 and 17-20 in pairs, each process stacking its own rows
+    # of both batches; 5, 6, 15 and 16 (around the reports at 5 and 15) one per call.
+    short = [*SHORT, "--config.train.steps_per_call=2"]
     processes = [
         start(
             [
-                *SHORT,
+                *short,
                 f"--workdir={shared}",
                 f"--coordinator_address={address}",
                 "--num_processes=2",
@@ -65,7 +68,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     ]
     logs = [finish(p) for p in processes]
     single = tmp_path / "one_process"
-    finish(start([*SHORT, f"--workdir={single}"], num_devices=2))
+    finish(start([*short, f"--workdir={single}"], num_devices=2))
 
     two, one = read_metrics(shared / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [5, 10, 15, 20]

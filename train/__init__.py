@@ -1,6 +1,6 @@
 """Training for jaxmodels: a train state, pure step functions and the loop that runs them.
 
-from train import create_train_state, train_step, eval_step
+from train import create_train_state, train_step, train_steps, eval_step
 
 Importing `train` does not import JAX: the names above load on first use, so that
 `python -m train` can set up host memory (`train.host_memory`) before JAX starts any thread. On
@@ -15,6 +15,7 @@ _LAZY = {
     "create_train_state": "train.state",
     "eval_step": "train.steps",
     "train_step": "train.steps",
+    "train_steps": "train.steps",
 }
 __all__ = sorted(_LAZY)
 

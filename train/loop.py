@@ -161,33 +161,27 @@ def compile_jit(
     step = functools.partial(steps.train_step, grad_accum_steps=grad_accum_steps)
     shardings = dict(out_shardings=(state_sharding, replicated), donate_argnums=0)
 
-    def jit_steps(step_fn, batch_sharding, *, examples=None):
-        """jit of `step_fn(state, batch, rng)`, or of `step_fn(state, examples, batch, rng)`."""
+    def jit_steps(step_fn, data_sharding, *, examples=None):
+        """jit of `step_fn(state, batch, rng)`, or of `step_fn(state, examples, batch, rng)` with
+        `examples` bound."""
         if examples is None:
             return jax.jit(
-                step_fn, in_shardings=(state_sharding, batch_sharding, replicated), **shardings
+                step_fn, in_shardings=(state_sharding, data_sharding, replicated), **shardings
             )
         compiled = jax.jit(
             step_fn,
-            in_shardings=(state_sharding, replicated, batch_sharding, replicated),
+            in_shardings=(state_sharding, replicated, data_sharding, replicated),
             **shardings,
         )
         return lambda state, batch, rng: compiled(state, examples, batch, rng)
 
-    def many(step_fn):
-        """`step_fn(state, [examples,] batch, rng)`, once per batch of a stacked batch."""
-
-        def call(state, *args):
-            *examples, batches, rng = args
-            return steps.train_steps(
-                state, batches, rng, step=lambda s, b, r: step_fn(s, *examples, b, r)
-            )
-
-        return call
-
+    train_many = None
     if train_examples is None:
         train = jit_steps(step, batch_sharding)
-        train_many = jit_steps(many(step), stacked_sharding) if steps_per_call > 1 else None
+        if steps_per_call > 1:
+            train_many = jit_steps(
+                functools.partial(steps.train_steps, step=step), stacked_sharding
+            )
     else:
 
         def gather_and_train(state, examples, index_batch, rng):
@@ -197,6 +191,12 @@ def compile_jit(
                 batch = decode(batch)
             return step(state, batch, rng)
 
+        def gather_and_train_steps(state, examples, index_batches, rng):
+            def gather_and_step(state, index_batch, rng):
+                return gather_and_train(state, examples, index_batch, rng)
+
+            return steps.train_steps(state, index_batches, rng, step=gather_and_step)
+
         on_device = jax.block_until_ready(
             {  # the same arrays on every device; valid with many processes too
                 k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
@@ -204,9 +204,8 @@ def compile_jit(
             }
         )
         train = jit_steps(gather_and_train, batch_sharding, examples=on_device)
-        train_many = None
         if steps_per_call > 1:
-            train_many = jit_steps(many(gather_and_train), stacked_sharding, examples=on_device)
+            train_many = jit_steps(gather_and_train_steps, stacked_sharding, examples=on_device)
 
     evaluate = jax.jit(
         steps.eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=replicated
@@ -227,7 +226,8 @@ def compile_jit(
 
     if serializes_collectives(mesh.devices.flat):
         train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
-        train_many = train_many and one_at_a_time(train_many)
+        if train_many:
+            train_many = one_at_a_time(train_many)
     identity = lambda state: state  # noqa: E731
     put_batches = put(stacked_sharding) if train_many else None
     return Compiled(
@@ -290,7 +290,8 @@ def compile_pmap(
 
     if serializes_collectives(devices):
         train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
-        train_many = train_many and one_at_a_time(train_many)
+        if train_many:
+            train_many = one_at_a_time(train_many)
 
     def metrics_once(train_fn):
         def call(state, batch, rng):
@@ -306,7 +307,7 @@ def compile_pmap(
         replicate,
         first,
         put_batches if train_many else None,
-        train_many and metrics_once(train_many),
+        metrics_once(train_many) if train_many else None,
     )
 
 

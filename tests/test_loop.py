@@ -1,6 +1,7 @@
 """End to end: each tiny config trained by the loop, the command line, and resuming a run."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -85,6 +86,20 @@ def test_calls_of_several_steps_stop_at_every_report_and_save():
     assert calls == [4, 4, 1, 1, 1, 1, 4, 4, 4, 4, 1, 1]
     config.steps_per_call = 1
     assert {loop.steps_in_call(step, config) for step in range(30)} == {1}
+
+
+def test_steps_per_call_that_does_not_divide_the_log_interval_is_warned_about(tmp_path, caplog):
+    config = load_config(CONFIGS / "mlp.py:tiny")  # 25 steps per call
+    config.train.num_steps = config.train.log_every = config.train.checkpoint_every = 10
+    with caplog.at_level(logging.WARNING):
+        state, _ = loop.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 10  # ten calls of one step
+    warnings = [r.getMessage() for r in caplog.records if "steps_per_call" in r.getMessage()]
+    assert len(warnings) == 1
+    assert (
+        "steps_per_call=25 does not divide train.log_every=10 and train.checkpoint_every=10"
+        in (warnings[0])
+    )
 
 
 def test_calls_of_several_steps_train_like_one_step_per_call(tmp_path):

@@ -540,6 +540,15 @@ def train_and_evaluate(
         train_iter = new_train_iterator()  # every restore failed, and one may have moved it
 
     accum, per_call = config.train.grad_accum_steps, get_steps_per_call(config.train)
+    every = {"log_every": config.train.log_every, "checkpoint_every": config.train.checkpoint_every}
+    uneven = [f"train.{name}={value}" for name, value in every.items() if value % per_call]
+    if per_call > 1 and uneven:
+        logging.warning(
+            "train.steps_per_call=%d does not divide %s: the steps that a whole call would carry "
+            "past a report or save run one per call. Pick a divisor for full speed.",
+            per_call,
+            " and ".join(uneven),
+        )
     if config.train.parallelism == "pmap":
         compiled = compile_pmap(grad_accum_steps=accum, steps_per_call=per_call)
     else:

@@ -95,11 +95,8 @@ def test_steps_per_call_that_does_not_divide_the_log_interval_is_warned_about(tm
         state, _ = loop.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 10  # ten calls of one step
     warnings = [r.getMessage() for r in caplog.records if "steps_per_call" in r.getMessage()]
-    assert len(warnings) == 1
-    assert (
-        "steps_per_call=25 does not divide train.log_every=10 and train.checkpoint_every=10"
-        in (warnings[0])
-    )
+    want = "steps_per_call=25 does not divide train.log_every=10 and train.checkpoint_every=10"
+    assert len(warnings) == 1 and want in warnings[0], warnings
 
 
 def test_calls_of_several_steps_train_like_one_step_per_call(tmp_path):

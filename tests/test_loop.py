@@ -100,24 +100,34 @@ def test_steps_per_call_that_does_not_divide_the_log_interval_is_warned_about(tm
 
 
 def test_calls_of_several_steps_train_like_one_step_per_call(tmp_path):
-    # The tiny MLP's 25 steps per call against 1, its split in device memory, on 4 devices
-    # (conftest): the indices are stacked and laid out over the mesh per step. Reports at 50 and
-    # 100, and steps 101-110 (after the last full call) run one per call.
+    # The tiny MLP's 25 steps per call against 1 on 4 devices (conftest): under jit with its split
+    # in device memory (the indices are stacked and laid out over the mesh per step), and under
+    # pmap with stacked host batches. Reports at 50 and 100; steps 101-110 run one per call.
     config = load_config(CONFIGS / "mlp.py:tiny")
     config.train.num_steps = 110
     assert config.train.steps_per_call == 25 and config.data.on_device
     runs = {}
-    for per_call in (25, 1):
-        config.train.steps_per_call = per_call
-        state, _ = loop.train_and_evaluate(config, tmp_path / str(per_call))
-        reports = read_metrics(tmp_path / str(per_call) / "metrics.jsonl")
-        runs[per_call] = (reports, jax.device_get(state.params))
-    assert [r["step"] for r in runs[25][0]] == [50, 100, 110]
-    chex.assert_trees_all_equal(runs[25][1], runs[1][1])
-    for a, b in zip(runs[25][0], runs[1][0], strict=True):
-        assert a["step"] == b["step"]
-        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-6)
-        assert a.get("eval/loss") == b.get("eval/loss")  # at 100 and 110; equal parameters
+    for parallelism, per_call in [("jit", 1), ("jit", 25), ("pmap", 25)]:
+        config.train.parallelism, config.train.steps_per_call = parallelism, per_call
+        workdir = tmp_path / f"{parallelism}{per_call}"
+        state, _ = loop.train_and_evaluate(config, workdir)
+        runs[parallelism, per_call] = (
+            read_metrics(workdir / "metrics.jsonl"),
+            jax.device_get(state.params),
+        )
+    reference_reports, reference_params = runs.pop(("jit", 1))
+    for run, (reports, params) in runs.items():
+        assert [r["step"] for r in reports] == [50, 100, 110], run
+        for a, b in zip(reports, reference_reports, strict=True):
+            assert a["step"] == b["step"]
+            np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-6, err_msg=run)
+        if run[0] == "jit":  # the same program, called differently: bitwise
+            chex.assert_trees_all_equal(params, reference_params)
+            assert [r.get("eval/loss") for r in reports] == [
+                r.get("eval/loss") for r in reference_reports
+            ]
+        else:  # pmap's all-reduce sums in another order than jit's
+            chex.assert_trees_all_close(params, reference_params, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_continues_exactly(tmp_path):

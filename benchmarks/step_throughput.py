@@ -382,16 +382,16 @@ class Runner:
     def __init__(self, train: Callable, state, rng: jax.Array):
         self.train, self.state, self.rng = train, state, rng
 
-    def run(self, num_steps: int, next_batch: Callable[[], Any], train: Callable | None = None):
+    def run(self, num_calls: int, next_batch: Callable[[], Any], train: Callable | None = None):
         """n calls (of `train`, if given, on the same state); one host sync at the end (the state
         is donated, so it is replaced each call)."""
         state, train = self.state, train or self.train
-        for _ in range(num_steps):
+        for _ in range(num_calls):
             state, _ = train(state, next_batch(), self.rng)
         self.state = jax.block_until_ready(state)
 
 
-def estimate_steps(
+def estimate_calls(
     runner: Runner, next_batch: Callable[[], Any], target_s: float, train: Callable | None = None
 ) -> int:
     """Runs warm calls for about WARMUP_S seconds; returns the call count for about `target_s`."""
@@ -399,8 +399,8 @@ def estimate_steps(
     while count < 2 or time.perf_counter() - start < WARMUP_S:
         runner.run(1, next_batch, train)
         count += 1
-    step_s = (time.perf_counter() - start) / count
-    return max(1, math.ceil(target_s / step_s))
+    call_s = (time.perf_counter() - start) / count
+    return max(1, math.ceil(target_s / call_s))
 
 
 class PeakMatmul:
@@ -492,7 +492,7 @@ def run_benchmark(
     serial = loop.serializes_collectives(mesh.devices.flat)
     runner = Runner(loop.one_at_a_time(executable) if serial else executable, state, rng)
     calls = None if steps is None else -(-steps // per_call)  # --steps, rounded up to whole calls
-    memory_calls = calls or estimate_steps(runner, lambda: batch, TARGET_REPEAT_S)
+    memory_calls = calls or estimate_calls(runner, lambda: batch, TARGET_REPEAT_S)
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
     if pipeline:
@@ -518,7 +518,7 @@ def run_benchmark(
 
         runner.run(1, next_batch, pipe_train)  # compiles the gathering step, outside the timing
         pipeline_setup_s = time.perf_counter() - setup_start
-        pipeline_calls = calls or estimate_steps(
+        pipeline_calls = calls or estimate_calls(
             runner, next_batch, TARGET_REPEAT_S, train=pipe_train
         )
     # The peak is measured after every repeat, so that each repeat has one taken under the same

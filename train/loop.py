@@ -489,7 +489,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
     check_batch_size(config)
-    get_steps_per_call(config.train)  # a bad value fails before anything is built
+    per_call = get_steps_per_call(config.train)  # a bad value fails before anything is built
     if config.train.parallelism not in ("jit", "pmap"):
         raise ValueError(
             f"Unknown train.parallelism {config.train.parallelism!r}; use 'jit' or 'pmap'."
@@ -539,9 +539,12 @@ def train_and_evaluate(
     if had_checkpoints and start_step == 0:
         train_iter = new_train_iterator()  # every restore failed, and one may have moved it
 
-    accum, per_call = config.train.grad_accum_steps, get_steps_per_call(config.train)
-    every = {"log_every": config.train.log_every, "checkpoint_every": config.train.checkpoint_every}
-    uneven = [f"train.{name}={value}" for name, value in every.items() if value % per_call]
+    accum = config.train.grad_accum_steps
+    uneven = [
+        f"train.{name}={config.train[name]}"
+        for name in CALL_BOUNDARIES
+        if config.train[name] % per_call
+    ]
     if per_call > 1 and uneven:
         logging.warning(
             "train.steps_per_call=%d does not divide %s: the steps that a whole call would carry "
@@ -641,6 +644,10 @@ def get_steps_per_call(train_config: ml_collections.ConfigDict) -> int:
     return value
 
 
+# The intervals (fields of config.train) at which the loop must see the state between calls.
+CALL_BOUNDARIES = ("log_every", "checkpoint_every")
+
+
 def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:
     """How many steps the call after `step` runs: `train.steps_per_call` or 1.
 
@@ -652,7 +659,8 @@ def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:
     count = get_steps_per_call(train_config)
     if count == 1 or step % count or step + count > train_config.num_steps:
         return 1
-    for every in (train_config.log_every, train_config.checkpoint_every):
+    for name in CALL_BOUNDARIES:
+        every = train_config[name]
         if (step // every + 1) * every < step + count:  # a log or save inside the call
             return 1
     return count

@@ -11,9 +11,10 @@ run through `train.state.create_train_state` and `train.steps.train_step`, compi
 `train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
 `python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
 its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
-`train.host_memory`). Where the config sets `train.steps_per_call` > 1 (the MLP: 25), every call
-is that many steps (`train.steps.train_steps` on stacked batches), as in the loop, and the times
-are per step.
+`train.host_memory`) and as many CPU devices as its `train.cpu_devices` asks for (see
+`train.cpu_devices`: the LSTM and the small Transformer run on two, one per core). Where the
+config sets `train.steps_per_call` > 1 (the MLP: 25), every call is that many steps
+(`train.steps.train_steps` on stacked batches), as in the loop, and the times are per step.
 
 Modes:
   memory    one fixed random batch (stacked `steps_per_call` times), put on device once, laid
@@ -65,7 +66,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from train import data, host_memory, loop  # noqa: E402
+from train import cpu_devices, data, host_memory, loop  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
@@ -131,6 +132,7 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 100,
             "data.batch_size": 64,
+            "train.cpu_devices": 2,  # one device per core (train/cpu_devices.py): 223 -> 191 ms
         },
         float_features=64,
         memory_only=("model.vocab_size", "model.embed_dim"),
@@ -153,6 +155,7 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 64,
             "data.batch_size": 12,
+            "train.cpu_devices": 0,  # one device: two made the step slower (48 -> 65 ms)
         },
     ),
     "transformer_small": Benchmark(
@@ -613,10 +616,13 @@ def run_benchmark(
 def run_fresh(name: str, script_and_args: list[str], stderr=None) -> dict:
     """Runs a benchmark script for model `name` in a fresh Python process; its last JSON line.
 
-    The process starts with the host-memory settings of the benchmark's config in its environment
-    (`train.host_memory.environment`), as `python -m train` applies them before JAX starts.
+    The process starts with the host-memory settings and CPU device count of the benchmark's
+    config in its environment (`train.host_memory.environment`, `train.cpu_devices.environment`),
+    as `python -m train` applies them before JAX starts.
     """
-    env = {**os.environ, **host_memory.environment(benchmark_config(name, False).train)}
+    train_config = benchmark_config(name, False).train
+    env = {**os.environ, **host_memory.environment(train_config)}
+    env.update(cpu_devices.environment(train_config))
     command = [sys.executable, *script_and_args]
     out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, stderr=stderr)
     return json.loads(out.stdout.decode().strip().splitlines()[-1])

@@ -57,6 +57,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.steps_per_call = 1  # steps run in one compiled call; >1 for sub-ms steps
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
     config.train.reuse_host_memory = True  # XLA:CPU reuses freed buffers (train/host_memory.py)
+    config.train.cpu_devices = 0  # >0: that many CPU devices, data parallel (train/cpu_devices.py)
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

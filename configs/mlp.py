@@ -61,6 +61,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # Off here: one malloc heap makes threads wait for each other, and this 0.55 ms step lost
     # 10% to that; the larger models gain far more (see train/host_memory.py).
     config.train.reuse_host_memory = False
+    config.train.cpu_devices = 0  # >0: that many CPU devices, data parallel (train/cpu_devices.py)
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

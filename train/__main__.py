@@ -143,9 +143,13 @@ def main(argv):
         config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
     except (*INPUT_ERRORS, OSError, flags.Error) as error:
         fail(error)
-    from train import host_memory  # no JAX yet: importing the train package does not import it
+    from train import cpu_devices, host_memory  # no JAX yet: the train package does not import it
 
-    host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
+    try:
+        host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
+        cpu_devices.configure(config.train)  # before JAX starts its CPU backend
+    except ValueError as error:
+        fail(error)
     # TensorFlow is not needed, but if it is installed it must not take GPU memory from JAX.
     if importlib.util.find_spec("tensorflow") is not None:
         import tensorflow as tf

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, host_memory, metrics, optim, sample, steps
+from train import checkpoint, cpu_devices, data, host_memory, metrics, optim, sample, steps
 from train.state import TrainState, create_train_state, example_inputs
 
 PMAP_AXIS = "batch"
@@ -485,6 +485,7 @@ def train_and_evaluate(
     # Again if the command line did it (the same settings); in a notebook, where JAX already
     # runs, it helps only in part (see train.host_memory).
     host_memory.configure(config.train)
+    cpu_devices.configure(config.train)  # only takes effect if nothing has run on JAX yet
     setup_compile_cache(config.train.compile_cache_dir)
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0

@@ -67,6 +67,10 @@ BAD_INPUT = {
         [TINY, "--config.train.steps_per_call=0"],
         "train.steps_per_call must be an integer >= 1, got 0.",
     ),
+    "negative CPU device count": (
+        [TINY, "--config.train.cpu_devices=-1"],
+        "train.cpu_devices=-1 must be >= 0 (0 keeps JAX's default of one CPU device)",
+    ),
     "workdir holds another model": (
         [TINY],
         "holds a run of model 'cnn', not 'mlp'; pass a different --workdir.",

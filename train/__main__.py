@@ -145,8 +145,8 @@ def main(argv):
         fail(error)
     from train import cpu_devices, host_memory  # no JAX yet: the train package does not import it
 
+    host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
     try:
-        host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
         cpu_devices.configure(config.train)  # before JAX starts its CPU backend
     except ValueError as error:
         fail(error)

@@ -1,4 +1,7 @@
-"""train.cpu_devices: `config.train.cpu_devices` splits the CPU into that many JAX devices."""
+"""train.cpu_devices: `config.train.cpu_devices` splits the CPU into that many JAX devices.
+
+Training on two of them through the command line: tests/test_loop.py.
+"""
 
 import json
 import os
@@ -8,7 +11,6 @@ import sys
 
 import jax
 import ml_collections
-import numpy as np
 import pytest
 
 from train import cpu_devices
@@ -28,9 +30,7 @@ print(json.dumps({"configured": done, "devices": jax.device_count()}))
 
 def configure_in_fresh_process(count: int, **env) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    for name in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES"):
-        if name not in env or env[name] is None:
-            env.pop(name, None)
+    env = {name: value for name, value in env.items() if value is not None}  # None: unset
     out = subprocess.run(
         [sys.executable, "-c", _CONFIGURE, str(count)],
         cwd=REPO,
@@ -69,41 +69,3 @@ def test_field_values(monkeypatch):
     # JAX already runs in this process: another count is refused (with a warning), not applied.
     assert cpu_devices.configure(ml_collections.ConfigDict({"cpu_devices": 3})) is False
     assert jax.device_count() == running == 4
-
-
-def run_command_line(workdir: pathlib.Path, count: int) -> tuple[list[dict], str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train",
-            "--config=configs/transformer.py:tiny",
-            f"--workdir={workdir}",
-            f"--config.train.cpu_devices={count}",
-            "--config.train.num_steps=20",
-            "--config.train.log_every=10",
-            "--config.train.eval_every=20",
-            "--config.train.checkpoint_every=20",
-            "--config.train.sample_lines=0",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines], result.stderr
-
-
-def test_command_line_trains_on_two_cpu_devices_like_on_one(tmp_path):
-    one, _ = run_command_line(tmp_path / "one", 0)
-    two, log = run_command_line(tmp_path / "two", 2)
-    assert "Devices: 2 x cpu over 1 process(es); mesh {'data': 2, 'fsdp': 1}." in log
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [10, 20]
-    # Real tiny Shakespeare, the batch split over two devices: the same training up to round-off.
-    for key in ("train/loss", "eval/loss"):
-        a, b = [r[key] for r in one if key in r], [r[key] for r in two if key in r]
-        np.testing.assert_allclose(b, a, rtol=1e-5)

@@ -153,7 +153,9 @@ def test_resume_continues_exactly(tmp_path):
         assert a["train/loss"] == b["train/loss"], (a, b)
 
 
-def test_command_line_runs_with_overrides(tmp_path):
+def run_tiny_transformer(workdir: pathlib.Path, *overrides: str) -> tuple[list[dict], str]:
+    """`python -m train` on the tiny Transformer for 20 steps, on JAX's one CPU device unless
+    `overrides` ask for more; (the reports in metrics.jsonl, stderr)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     result = subprocess.run(
         [
@@ -161,11 +163,12 @@ def test_command_line_runs_with_overrides(tmp_path):
             "-m",
             "train",
             "--config=configs/transformer.py:tiny",
-            f"--workdir={tmp_path}",
+            f"--workdir={workdir}",
             "--config.train.num_steps=20",
             "--config.train.log_every=10",
             "--config.train.eval_every=20",
             "--config.train.checkpoint_every=20",
+            *overrides,
         ],
         cwd=REPO,
         env=env,
@@ -174,9 +177,23 @@ def test_command_line_runs_with_overrides(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = read_metrics(tmp_path / "metrics.jsonl")
+    return read_metrics(workdir / "metrics.jsonl"), result.stderr
+
+
+def test_command_line_runs_with_overrides_on_one_and_two_cpu_devices(tmp_path):
+    reports, log = run_tiny_transformer(tmp_path / "one")
     assert [r["step"] for r in reports] == [10, 20]
     assert np.isfinite(reports[-1]["eval/loss"])
-    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 20
-    assert "it/s" in result.stderr or "step/s" in result.stderr  # the progress bar
-    assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1}." in result.stderr
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["train"]["num_steps"] == 20
+    assert "it/s" in log or "step/s" in log  # the progress bar
+    assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1}." in log
+
+    # train.cpu_devices (train/cpu_devices.py): the batch split over two CPU devices trains on
+    # real tiny Shakespeare as on one, up to round-off.
+    two, log = run_tiny_transformer(tmp_path / "two", "--config.train.cpu_devices=2")
+    assert "Devices: 2 x cpu over 1 process(es); mesh {'data': 2, 'fsdp': 1}." in log
+    assert [r["step"] for r in two] == [10, 20]
+    for key in ("train/loss", "eval/loss"):
+        a, b = [r[key] for r in reports if key in r], [r[key] for r in two if key in r]
+        np.testing.assert_allclose(b, a, rtol=1e-5)

@@ -18,10 +18,12 @@ config sets `train.steps_per_call` > 1 (the MLP: 25), every call is that many st
 
 Modes:
   memory    one fixed random batch (stacked `steps_per_call` times), put on device once, laid
-            out as the step takes it. Tracing,
-            lowering and compiling the step gives `compile_s` (`first_step_s` adds its first run);
-            then `--repeats` times `--steps` steps, with one `jax.block_until_ready` at the end of
-            each repeat (after every step over several CPU devices, as the loop waits for each).
+            out as the step takes it. Tracing, lowering and compiling the step gives `compile_s`
+            (`first_step_s` adds its first run). Warm steps follow until the process's peak
+            resident memory stops growing (`warm_up`: the host heap's start-up growth is not the
+            steady step; `warmup_steps`, `warmup_s`, `warmup_rss_growth_mb`); then `--repeats`
+            times `--steps` steps, with one `jax.block_until_ready` at the end of each repeat
+            (after every step over several CPU devices, as the loop waits for each).
   pipeline  the same steps fed the way `python -m train` feeds them: with `data.on_device` the
             split is held in device memory and `train.data.train_iterator` sends batch indices,
             else it reads whole batches; either goes through the loop's `put_batch`. Repeats
@@ -48,6 +50,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +75,9 @@ from train.config import load_config  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
 TARGET_REPEAT_S = 4.0  # default --steps: about this many seconds per repeat
 WARMUP_S = 0.5  # warm steps (after the first) used to estimate the step time
+SETTLED_CALLS = 3  # warm calls in a row without memory growth that end the warm-up
+RSS_GROWTH_BYTES = 8 * 2**20  # less peak resident memory growth than this is none
+WARMUP_MAX_S = 120.0  # the warm-up stops after this long even if memory still grows
 MNIST_SHAPE = (28, 28, 1)
 
 
@@ -394,16 +400,52 @@ class Runner:
         self.state = jax.block_until_ready(state)
 
 
-def estimate_calls(
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (`getrusage`: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class WarmUp(NamedTuple):
+    """What `warm_up` did: warm calls, their seconds, and the peak resident memory they added."""
+
+    calls: int
+    seconds: float
+    rss_growth_bytes: int
+    settled: bool  # False: stopped by WARMUP_MAX_S while memory still grew
+
+
+def warm_up(
     runner: Runner, next_batch: Callable[[], Any], target_s: float, train: Callable | None = None
-) -> int:
-    """Runs warm calls for about WARMUP_S seconds; returns the call count for about `target_s`."""
-    count, start = 0, time.perf_counter()
-    while count < 2 or time.perf_counter() - start < WARMUP_S:
+) -> tuple[int, WarmUp]:
+    """Runs warm calls until the step has settled; returns the call count for about `target_s`.
+
+    Settled: the process's peak resident memory has grown by less than RSS_GROWTH_BYTES over the
+    last SETTLED_CALLS calls, and at least WARMUP_S seconds have passed (or WARMUP_MAX_S have,
+    whatever the memory does). Until then the host heap is still growing to its steady size: over
+    two CPU devices the small Transformer's grows from 2.0 to 4.9 GB over its first ~20 steps,
+    each growth a step about 1.2 s slower (the kernel maps and zeroes the new pages), a start-up
+    cost like compilation that a timed repeat would otherwise catch. The call time used for the
+    count is the mean of the settled calls.
+    """
+    count, quiet, quiet_s, start = 0, 0, 0.0, time.perf_counter()
+    first_rss = last_rss = peak_rss_bytes()
+    while True:
+        call_start = time.perf_counter()
         runner.run(1, next_batch, train)
+        now = time.perf_counter()
         count += 1
-    call_s = (time.perf_counter() - start) / count
-    return max(1, math.ceil(target_s / call_s))
+        rss = peak_rss_bytes()
+        if rss - last_rss >= RSS_GROWTH_BYTES:
+            quiet, quiet_s, last_rss = 0, 0.0, rss
+        else:
+            quiet, quiet_s = quiet + 1, quiet_s + now - call_start
+        settled = quiet >= SETTLED_CALLS and now - start >= WARMUP_S
+        if settled or now - start >= WARMUP_MAX_S:
+            break
+    call_s = quiet_s / quiet if quiet else (now - start) / count
+    calls = max(1, math.ceil(target_s / call_s))
+    return calls, WarmUp(count, now - start, peak_rss_bytes() - first_rss, settled)
 
 
 class PeakMatmul:
@@ -495,7 +537,11 @@ def run_benchmark(
     serial = loop.serializes_collectives(mesh.devices.flat)
     runner = Runner(loop.one_at_a_time(executable) if serial else executable, state, rng)
     calls = None if steps is None else -(-steps // per_call)  # --steps, rounded up to whole calls
-    memory_calls = calls or estimate_calls(runner, lambda: batch, TARGET_REPEAT_S)
+    # The peak matmul's buffers are allocated before the warm-up, so that the heap it settles
+    # already holds them.
+    peak_dot, peaks = PeakMatmul(4096), []
+    estimated_calls, memory_warmup = warm_up(runner, lambda: batch, TARGET_REPEAT_S)
+    memory_calls = calls or estimated_calls
     meter = CpuMeter()
     memory_times, pipeline_times = [], []
     if pipeline:
@@ -521,13 +567,13 @@ def run_benchmark(
 
         runner.run(1, next_batch, pipe_train)  # compiles the gathering step, outside the timing
         pipeline_setup_s = time.perf_counter() - setup_start
-        pipeline_calls = calls or estimate_calls(
+        estimated_calls, pipeline_warmup = warm_up(
             runner, next_batch, TARGET_REPEAT_S, train=pipe_train
         )
+        pipeline_calls = calls or estimated_calls
     # The peak is measured after every repeat, so that each repeat has one taken under the same
     # conditions: this machine has slow phases tens of seconds long, which a peak measured once,
     # after all repeats, would miss or catch alone.
-    peak_dot, peaks = PeakMatmul(4096), []
     for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
         memory_times.append(meter.time(lambda: runner.run(memory_calls, lambda: batch)))
         if pipeline:
@@ -582,6 +628,10 @@ def run_benchmark(
             "share_of_peak_visible_scores": statistics.median(shares(visible_flops)),
             "compile_s": compile_s,
             "first_step_s": first_step_s,
+            "warmup_steps": memory_warmup.calls * per_call,
+            "warmup_s": memory_warmup.seconds,
+            "warmup_rss_growth_mb": memory_warmup.rss_growth_bytes / 2**20,
+            "warmup_settled": memory_warmup.settled,
             "loadavg": loadavg,
             "loadavg_end": read_loadavg(),
             "other_cores_busy": meter.cores(),
@@ -603,6 +653,8 @@ def run_benchmark(
                 "memory_steps": memory_steps,
                 "share_of_memory_throughput": result["examples_per_s"] / memory_examples_per_s,
                 "pipeline_setup_s": pipeline_setup_s,
+                "pipeline_warmup_steps": pipeline_warmup.calls * per_call,
+                "pipeline_warmup_settled": pipeline_warmup.settled,
                 "dataset": config.data.dataset,
                 "num_workers": config.data.num_workers,
                 "on_device": config.data.on_device,

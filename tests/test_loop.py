@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from train import loop
+from train import host_memory, loop
 from train.config import load_config
 from train.metrics import read_metrics
 
@@ -188,6 +188,10 @@ def test_command_line_runs_with_overrides_on_one_and_two_cpu_devices(tmp_path):
     assert config["train"]["num_steps"] == 20
     assert "it/s" in log or "step/s" in log  # the progress bar
     assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1}." in log
+    # It restarted itself once for glibc's huge-page tunable where the machine has huge pages.
+    restarts = log.count("Restarting once with GLIBC_TUNABLES=")
+    wanted = host_memory.huge_pages_offered() and not host_memory.started_with_huge_pages()
+    assert restarts == int(wanted), log[-3000:]
 
     # train.cpu_devices (train/cpu_devices.py): the batch split over two CPU devices trains on
     # real tiny Shakespeare as on one, up to round-off.

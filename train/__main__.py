@@ -135,6 +135,28 @@ def start_distributed() -> None:
         watchdog.cancel()
 
 
+def restart_with(environ: dict[str, str] | None) -> None:
+    """Replaces this process by the same command line in environment `environ` (None: goes on).
+
+    glibc reads some malloc settings only when a process starts (`train.host_memory`), so the
+    command line starts itself once more, before it imports JAX, with them set. If the restart
+    fails, the run goes on without them.
+    """
+    if environ is None:
+        return
+    logging.info(
+        "Restarting once with GLIBC_TUNABLES=%s: large host buffers on huge pages "
+        "(train/host_memory.py; JAXMODELS_KEEP_FREED_MEMORY=0 turns it off).",
+        environ["GLIBC_TUNABLES"],
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError as error:
+        logging.warning("Could not restart (%s); large host buffers stay on the heap.", error)
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -145,6 +167,7 @@ def main(argv):
         fail(error)
     from train import cpu_devices, host_memory  # no JAX yet: the train package does not import it
 
+    restart_with(host_memory.restart_environment(config.train))
     host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
     try:
         cpu_devices.configure(config.train)  # before JAX starts its CPU backend

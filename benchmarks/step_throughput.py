@@ -422,11 +422,11 @@ def warm_up(
 
     Settled: the process's peak resident memory has grown by less than RSS_GROWTH_BYTES over the
     last SETTLED_CALLS calls, and at least WARMUP_S seconds have passed (or WARMUP_MAX_S have,
-    whatever the memory does). Until then the host heap is still growing to its steady size: over
-    two CPU devices the small Transformer's grows from 2.0 to 4.9 GB over its first ~20 steps,
-    each growth a step about 1.2 s slower (the kernel maps and zeroes the new pages), a start-up
-    cost like compilation that a timed repeat would otherwise catch. The call time used for the
-    count is the mean of the settled calls.
+    whatever the memory does). Until then the host heap is still growing to its steady size
+    (the small Transformer's by 310-380 MB over its first 4 steps), each growth in a slower step
+    (the kernel maps and zeroes the new pages): a start-up cost, like compilation, that a timed
+    repeat would otherwise catch. The call time used for the count is the mean of the settled
+    calls.
     """
     count, quiet, quiet_s, start = 0, 0, 0.0, time.perf_counter()
     first_rss = last_rss = peak_rss_bytes()

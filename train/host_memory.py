@@ -97,10 +97,10 @@ def huge_pages_offered() -> bool:
     if libc is None:
         return False
     libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    version = tuple(int(part) for part in libc.gnu_get_libc_version().decode().split(".")[:2])
     try:
+        version = tuple(int(part) for part in libc.gnu_get_libc_version().split(b".")[:2])
         return version >= (2, 35) and "[never]" not in _THP_SETTING.read_text()
-    except OSError:
+    except (OSError, ValueError):  # no THP setting to read, or a version that is not numbers
         return False
 
 

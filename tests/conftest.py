@@ -1,7 +1,10 @@
 """Shared test set-up: four fake CPU devices and the prepared data in ../shared/data."""
 
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 # Must happen before jax is imported anywhere: multi-device tests (jit vs pmap) need 4 devices.
 os.environ["XLA_FLAGS"] = (
@@ -27,3 +30,25 @@ def data_dir() -> str:
             "shared/data/tensorflow_datasets_array_record"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def run_python():
+    """`run_python(code, *args, env={...})`: runs `python -c code *args` from the repo root in a
+    fresh process, whose environment is this one's with `env` applied (a None value unsets the
+    variable), and returns the JSON object that its last line of stdout prints."""
+
+    def run(code: str, *args: str, env: dict[str, str | None] | None = None) -> dict:
+        environ = {**os.environ, **(env or {})}
+        environ = {name: value for name, value in environ.items() if value is not None}
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=_REPO,
+            env=environ,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    return run

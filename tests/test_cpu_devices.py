@@ -3,19 +3,11 @@
 Training on two of them through the command line: tests/test_loop.py.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import ml_collections
 import pytest
 
 from train import cpu_devices
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Configures the devices as `python -m train` does (before JAX starts), then reports the count.
 _CONFIGURE = """
@@ -28,29 +20,28 @@ print(json.dumps({"configured": done, "devices": jax.device_count()}))
 """
 
 
-def configure_in_fresh_process(count: int, **env) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    env = {name: value for name, value in env.items() if value is not None}  # None: unset
-    out = subprocess.run(
-        [sys.executable, "-c", _CONFIGURE, str(count)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def configure_in_fresh_process(run_python, count: int, **env) -> dict:
+    return run_python(_CONFIGURE, str(count), env={"JAX_PLATFORMS": "cpu", **env})
 
 
-def test_config_sets_the_cpu_device_count_before_jax_starts():
-    assert configure_in_fresh_process(2, XLA_FLAGS=None) == {"configured": True, "devices": 2}
-    assert configure_in_fresh_process(0, XLA_FLAGS=None) == {"configured": False, "devices": 1}
+def test_config_sets_the_cpu_device_count_before_jax_starts(run_python):
+    assert configure_in_fresh_process(run_python, 2, XLA_FLAGS=None) == {
+        "configured": True,
+        "devices": 2,
+    }
+    assert configure_in_fresh_process(run_python, 0, XLA_FLAGS=None) == {
+        "configured": False,
+        "devices": 1,
+    }
 
 
-def test_a_count_in_the_environment_wins():
+def test_a_count_in_the_environment_wins(run_python):
     flags = "--xla_force_host_platform_device_count=3"
-    assert configure_in_fresh_process(2, XLA_FLAGS=flags) == {"configured": False, "devices": 3}
-    assert configure_in_fresh_process(2, JAX_NUM_CPU_DEVICES="1") == {
+    assert configure_in_fresh_process(run_python, 2, XLA_FLAGS=flags) == {
+        "configured": False,
+        "devices": 3,
+    }
+    assert configure_in_fresh_process(run_python, 2, JAX_NUM_CPU_DEVICES="1") == {
         "configured": False,
         "devices": 1,
     }

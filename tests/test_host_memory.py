@@ -1,6 +1,5 @@
 """train.host_memory: XLA:CPU's freed temporaries are reused, not page-faulted again every call."""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -35,23 +34,18 @@ print(json.dumps({"configured": configured, "faults": faults}))
 """
 
 
-def faults_per_step(keep: bool) -> dict:
-    env = {**os.environ, "JAXMODELS_KEEP_FREED_MEMORY": "1" if keep else "0"}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmark runs
-    out = subprocess.run(
-        [sys.executable, "-c", _FAULTS_PER_STEP],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def faults_per_step(run_python, keep: bool) -> dict:
+    switch = "1" if keep else "0"
+    # One CPU device, as the benchmark runs.
+    return run_python(
+        _FAULTS_PER_STEP, env={"JAXMODELS_KEEP_FREED_MEMORY": switch, "XLA_FLAGS": None}
+    )
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="mallopt is glibc's")
-def test_freed_temporaries_are_reused_instead_of_page_faulted():
-    default, kept = faults_per_step(keep=False), faults_per_step(keep=True)
+def test_freed_temporaries_are_reused_instead_of_page_faulted(run_python):
+    default = faults_per_step(run_python, keep=False)
+    kept = faults_per_step(run_python, keep=True)
     assert (default["configured"], kept["configured"]) == (False, True)
     # Measured here: 25,200 faults per step (98 MB in 4 KiB pages) without; with it, 0, 5,040 or
     # 10,080 over 10 runs (whole 20 MB blocks that did not fit the space the last step freed).
@@ -91,14 +85,10 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(not host_memory.huge_pages_offered(), reason="no transparent huge pages")
-def test_large_blocks_are_mapped_on_huge_pages_and_memory_stays_bounded():
-    env = {**os.environ, **host_memory.environment(ml_collections.ConfigDict({}))}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    out = subprocess.run(
-        [sys.executable, "-c", _LARGE_BLOCKS], env=env, check=True, capture_output=True, text=True
-    ).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+def test_large_blocks_are_mapped_on_huge_pages_and_memory_stays_bounded(run_python):
+    env = host_memory.environment(ml_collections.ConfigDict({}))
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_NUM_CPU_DEVICES=None)
+    result = run_python(_LARGE_BLOCKS, env=env)
     # 2 x 335 MB a call: measured 163,842 faults on 4 KiB pages (glibc's defaults), 1,350 with
     # the environment (2 MB pages; the blocks' unaligned ends take 4 KiB ones).
     assert result["faults"] < 10_000, result

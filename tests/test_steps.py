@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jax_core
 from jax.sharding import PartitionSpec as P
 
 from train import TrainState, create_train_state, data, eval_step, loop, steps, train_step
@@ -227,6 +228,38 @@ def test_grad_accum_steps_must_divide_the_batch():
     batch = next(data.train_iterator(config.data, seed=0))  # 64 examples
     with pytest.raises(ValueError, match="does not split into 5 micro-batches"):
         jax.jit(functools.partial(train_step, grad_accum_steps=5))(state, batch, jax.random.key(1))
+
+
+def _primitives_in_order(jaxpr) -> list[str]:
+    """The names of `jaxpr`'s primitives in program order, sub-jaxprs (nested jits) inlined."""
+    names = []
+    for eqn in jaxpr.eqns:
+        inner = [p for p in eqn.params.values() if isinstance(p, jax_core.ClosedJaxpr)]
+        inner += [p for p in eqn.params.values() if isinstance(p, jax_core.Jaxpr)]
+        if inner:
+            for sub in inner:
+                names += _primitives_in_order(getattr(sub, "jaxpr", sub))
+        else:
+            names.append(eqn.primitive.name)
+    return names
+
+
+def test_every_cross_device_sum_comes_after_the_backward_pass():
+    # A sum over devices before the backward pass (e.g. of the global weight, to divide the loss
+    # by it) is a blocking wait on an XLA:CPU worker thread while the other device's forward pass
+    # needs one (README, "What changed"). Traced under pmap's axis: every psum must come after
+    # the last matmul of the backward pass.
+    config = load_config(CONFIGS / "mlp.py:tiny")
+    state = create_train_state(config, jax.random.key(0))
+    batch = first_batch(config)
+    step = jax.pmap(functools.partial(train_step, axis_name="batch"), axis_name="batch")
+    one_device = jax.tree.map(lambda x: jnp.asarray(x)[None], (state, batch, jax.random.key(0)))
+    names = _primitives_in_order(jax.make_jaxpr(step)(*one_device).jaxpr)
+    psums = [i for i, name in enumerate(names) if name == "psum"]
+    dots = [i for i, name in enumerate(names) if name == "dot_general"]
+    # Two Dense layers: two forward matmuls, two kernel gradients, the hidden layer's gradient.
+    assert psums and len(dots) == 5
+    assert min(psums) > max(dots), f"psum at {psums}, matmuls at {dots}"
 
 
 def test_train_step_traces_once():

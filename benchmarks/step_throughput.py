@@ -74,7 +74,7 @@ from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
 TARGET_REPEAT_S = 4.0  # default --steps: about this many seconds per repeat
-WARMUP_S = 0.5  # warm steps (after the first) used to estimate the step time
+WARMUP_S = 0.5  # the warm-up runs at least this long, however soon memory settles
 SETTLED_CALLS = 3  # warm calls in a row without memory growth that end the warm-up
 RSS_GROWTH_BYTES = 8 * 2**20  # less peak resident memory growth than this is none
 WARMUP_MAX_S = 120.0  # the warm-up stops after this long even if memory still grows

@@ -234,12 +234,13 @@ def _primitives_in_order(jaxpr) -> list[str]:
     """The names of `jaxpr`'s primitives in program order, sub-jaxprs (nested jits) inlined."""
     names = []
     for eqn in jaxpr.eqns:
-        inner = [p for p in eqn.params.values() if isinstance(p, jax_core.ClosedJaxpr)]
-        inner += [p for p in eqn.params.values() if isinstance(p, jax_core.Jaxpr)]
-        if inner:
-            for sub in inner:
-                names += _primitives_in_order(getattr(sub, "jaxpr", sub))
-        else:
+        # A nested jit holds a ClosedJaxpr, pmap's body an open Jaxpr.
+        inner = [
+            p for p in eqn.params.values() if isinstance(p, jax_core.ClosedJaxpr | jax_core.Jaxpr)
+        ]
+        for sub in inner:
+            names += _primitives_in_order(getattr(sub, "jaxpr", sub))  # ClosedJaxpr.jaxpr
+        if not inner:
             names.append(eqn.primitive.name)
     return names
 

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -241,3 +242,15 @@ def test_only_the_newest_checkpoint_keep_steps_stay(tmp_path):
     loop.train_and_evaluate(config, tmp_path)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [NUM_STEPS - 5, NUM_STEPS]
+
+
+def test_checkpoint_of_another_optimizer_is_refused_and_kept(tmp_path):
+    loop.train_and_evaluate(short_config(), tmp_path)  # SGD with momentum: one trace per param
+    adam = short_config()
+    adam.optimizer.name = "adam"  # a count and two moments per param
+    with pytest.raises(ValueError, match="holds another optimizer's state: opt_state entry") as e:
+        loop.train_and_evaluate(adam, tmp_path)
+    assert "\n" not in str(e.value)
+    # The first entry that differs: SGD's momentum of the first bias, which Adam does not have.
+    assert re.search(r"entry 0/trace/\w+/bias is shaped \(128,\) there and absent", str(e.value))
+    assert str(NUM_STEPS) in {p.name for p in (tmp_path / "checkpoints").iterdir()}

@@ -69,11 +69,12 @@ def restore_newest(
     """Restores the newest readable step; returns (step, state), or None if there is none.
 
     Unreadable steps (truncated or missing files) are reported in one line each, moved aside to
-    `<step>.corrupt` and skipped. A readable step whose parameters have other shapes than
-    `abstract_state["params"]` belongs to another model: that is a ValueError, and nothing moves.
+    `<step>.corrupt` and skipped. A readable step whose parameters or optimizer state have other
+    names or shapes than `abstract_state`'s belongs to another model or optimizer: that is a
+    ValueError, and nothing moves.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        check_shapes(manager, step, abstract_state["params"])
+        check_layout(manager, step, abstract_state)
         try:
             return step, restore(manager, step, abstract_state, data_iterator)
         except Exception as error:  # noqa: BLE001  orbax and tensorstore raise many error types
@@ -90,27 +91,47 @@ def restore_newest(
     return None
 
 
-def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
-    """Raises ValueError if step `step` holds parameters of other names or shapes."""
+def check_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Raises ValueError if step `step` holds parameters or optimizer state of other names or
+    shapes than `abstract_state` (a dict with `params` and `opt_state`)."""
     try:
-        saved = manager.item_metadata(step)["state"]["params"]
+        saved = manager.item_metadata(step)["state"]
+        saved = {"params": saved["params"], "opt_state": saved["opt_state"]}
     except Exception:  # noqa: BLE001  unreadable metadata: let the restore report it
         return
-    wanted = _shapes(abstract_params)
-    found = _shapes(saved)
-    if wanted != found:
-        differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
-        name = differ[0]
-        raise ValueError(
-            f"Checkpoint step {step} in {manager.directory} holds another model: parameter "
-            f"{name} has shape {found.get(name)} there and {wanted.get(name)} in this config "
-            f"({len(differ)} differ); use another --workdir or the config it was trained with."
-        )
+    for part, what, fix in (
+        ("params", "another model", "the config it was trained with"),
+        ("opt_state", "another optimizer's state", "the optimizer it was trained with"),
+    ):
+        wanted, found = _shapes(abstract_state[part]), _shapes(saved[part])
+        if wanted != found:
+            differ = sorted(
+                k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k)
+            )
+            name = differ[0]
+            raise ValueError(
+                f"Checkpoint step {step} in {manager.directory} holds {what}: {part} entry {name} "
+                f"is {_shape_text(found.get(name))} there and {_shape_text(wanted.get(name))} in "
+                f"this config ({len(differ)} differ); use another --workdir or {fix}."
+            )
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of `tree`'s arrays. A path names each key, field or index alike, since the
+    checkpoint's metadata holds a NamedTuple's fields as a dict and a tuple as a list."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {"/".join(_key_name(key) for key in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else f"shaped {shape}"
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
 
 
 def error_line(error: BaseException) -> str:

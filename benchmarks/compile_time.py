@@ -2,6 +2,7 @@
 
 Usage (from the repo root):
   python benchmarks/compile_time.py --model=transformer_small        # cold, then cached: one line
+  python benchmarks/compile_time.py --model=transformer_small --repeats=3   # medians of 3 pairs
   python benchmarks/compile_time.py --layers=2,4,8,12 [--scan_layers=true|false] [--remat=false]
 
 `--model` (a benchmark of `step_throughput.py`) runs two fresh Python processes one after the other
@@ -10,6 +11,10 @@ builds the state and a batch, then times tracing and lowering (`lower_s`) and co
 from the cache (`compile_s`), of the train step the loop compiles, and runs it once
 (`first_run_s`). The first process compiles; the second finds the executable in the cache. The
 printed `first_step_compile_s` is lower_s + compile_s: the time before the first step can start.
+With `--repeats=N` the pair runs N times, each over a new cache; every field is then the median
+of the N runs, and `cold_first_step_compile_s_runs` / `cached_..._runs` list each run's figure.
+`first_run_s` doubles as a gauge of the machine's phase: the same step in a slow phase takes
+longer to run as well as to compile.
 
 `--layers` compiles the tiny Transformer at several depths, cache off: with `model.scan_layers=true`
 XLA compiles one layer and loops over it, so compile time stays flat as layers are added; unrolled
@@ -71,9 +76,22 @@ def cold_and_cached(name: str) -> dict:
     for label, run in zip(("cold", "cached"), runs, strict=True):
         result.update({f"{label}_{key}": round(value, 3) for key, value in run.items()})
         result[f"{label}_first_step_compile_s"] = round(run["lower_s"] + run["compile_s"], 3)
-    result.update(
-        {"cache_files": cache_files, "loadavg": os.getloadavg()[0], "jax_version": jax.__version__}
-    )
+    result["cache_files"] = cache_files
+    return result
+
+
+def repeated(name: str, repeats: int) -> dict:
+    """`cold_and_cached` `repeats` times: the median of each field, and each run's totals."""
+    runs = [cold_and_cached(name) for _ in range(repeats)]
+    result = {"model": name, "repeats": repeats}
+    for key, value in runs[0].items():
+        if isinstance(value, float | int):
+            median = np.median([run[key] for run in runs])
+            result[key] = int(median) if isinstance(value, int) else round(float(median), 3)
+    for label in ("cold", "cached"):
+        key = f"{label}_first_step_compile_s"
+        result[f"{key}_runs"] = [run[key] for run in runs]
+    result.update({"loadavg": os.getloadavg()[0], "jax_version": jax.__version__})
     return result
 
 
@@ -122,6 +140,7 @@ def main() -> None:
     which.add_argument("--model", help="a benchmark of step_throughput.py: cold and cached")
     which.add_argument("--layers", help="comma-separated depths of the tiny Transformer")
     which.add_argument("--child", help=argparse.SUPPRESS)  # one timed process of --model
+    parser.add_argument("--repeats", type=int, default=1, help="--model: cold/cached pairs")
     parser.add_argument("--scan_layers", default="true")
     parser.add_argument("--remat", default="false")
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
@@ -130,7 +149,7 @@ def main() -> None:
         loop.setup_compile_cache(args.cache_dir)  # what `python -m train` does
         print(json.dumps(time_first_step(args.child)))
     elif args.model:
-        print(json.dumps(cold_and_cached(args.model)))
+        print(json.dumps(repeated(args.model, args.repeats)))
     else:
         depths = [int(n) for n in args.layers.split(",")]
         depth_sweep(depths, args.scan_layers == "true", args.remat == "true")

@@ -254,3 +254,22 @@ def test_checkpoint_of_another_optimizer_is_refused_and_kept(tmp_path):
     # The first entry that differs: SGD's momentum of the first bias, which Adam does not have.
     assert re.search(r"entry 0/trace/\w+/bias is shaped \(128,\) there and absent", str(e.value))
     assert str(NUM_STEPS) in {p.name for p in (tmp_path / "checkpoints").iterdir()}
+
+
+def test_adamw_run_resumes_bitwise(tmp_path, caplog):
+    # Our AdamW's state (count, mu, nu) goes through the checkpoint's layout check and back.
+    def adamw_config(num_steps):
+        config = short_config()
+        config.optimizer.update(name="adamw", learning_rate=1e-3, weight_decay=0.01)
+        config.optimizer.update(grad_clip_norm=1.0, schedule="constant", warmup_steps=5)
+        config.train.num_steps = num_steps  # constant after warmup: the same rates either way
+        return config
+
+    whole, _ = loop.train_and_evaluate(adamw_config(20), tmp_path / "whole")
+    caplog.set_level(logging.INFO)
+    loop.train_and_evaluate(adamw_config(10), tmp_path / "halves")
+    halves, _ = loop.train_and_evaluate(adamw_config(20), tmp_path / "halves")
+    assert any("Resumed from checkpoint step 10" in r.getMessage() for r in caplog.records)
+    assert int(halves.opt_state.count) == 20
+    chex.assert_trees_all_equal(jax.device_get(halves.params), jax.device_get(whole.params))
+    chex.assert_trees_all_equal(jax.device_get(halves.opt_state), jax.device_get(whole.opt_state))

@@ -1,4 +1,4 @@
-"""optax optimizers and learning-rate schedules built from `config.optimizer`."""
+"""Optimizers and learning-rate schedules built from `config.optimizer`: optax SGD, our AdamW."""
 
 import functools
 from typing import NamedTuple

@@ -5,6 +5,7 @@ save leaves the earlier steps as they were. A step that cannot be read is moved 
 deleted) and the next older one is tried.
 """
 
+import functools
 import pathlib
 from typing import Any
 
@@ -120,18 +121,12 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{path: shape} of `tree`'s arrays. A path names each key, field or index alike, since the
     checkpoint's metadata holds a NamedTuple's fields as a dict and a tuple as a list."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(key) for key in path): tuple(leaf.shape) for path, leaf in leaves}
+    keystr = functools.partial(jax.tree_util.keystr, simple=True, separator="/")
+    return {keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _shape_text(shape: tuple[int, ...] | None) -> str:
     return "absent" if shape is None else f"shaped {shape}"
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
 
 
 def error_line(error: BaseException) -> str:

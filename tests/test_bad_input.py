@@ -67,6 +67,15 @@ BAD_INPUT = {
         [TINY, "--config.train.steps_per_call=0"],
         "train.steps_per_call must be an integer >= 1, got 0.",
     ),
+    "evaluation interval not positive": (
+        [TINY, "--config.train.eval_every=0"],
+        "train.eval_every must be an integer >= 1 (steps between evaluations; the last step "
+        "always evaluates), got 0; set --config.train.eval_every.",
+    ),
+    "no steps to train": (
+        [TINY, "--config.train.num_steps=-3"],
+        "train.num_steps must be an integer >= 1 (steps to train), got -3;",
+    ),
     "negative CPU device count": (
         [TINY, "--config.train.cpu_devices=-1"],
         "train.cpu_devices=-1 must be >= 0 (0 keeps JAX's default of one CPU device)",

@@ -490,6 +490,7 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     is_chief = jax.process_index() == 0
     check_batch_size(config)
+    check_step_counts(config.train)
     per_call = get_steps_per_call(config.train)  # a bad value fails before anything is built
     if config.train.parallelism not in ("jit", "pmap"):
         raise ValueError(
@@ -647,6 +648,24 @@ def get_steps_per_call(train_config: ml_collections.ConfigDict) -> int:
 
 # The intervals (fields of config.train) at which the loop must see the state between calls.
 CALL_BOUNDARIES = ("log_every", "checkpoint_every")
+# Step counts of config.train, what each counts (for the error message), all integers >= 1.
+STEP_COUNTS = {
+    "num_steps": "steps to train",
+    "log_every": "steps between reports; the last step always reports",
+    "eval_every": "steps between evaluations; the last step always evaluates",
+    "checkpoint_every": "steps between checkpoints; the last step always saves",
+}
+
+
+def check_step_counts(train_config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line ValueError unless every field of STEP_COUNTS is an integer >= 1."""
+    for name, meaning in STEP_COUNTS.items():
+        value = train_config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"train.{name} must be an integer >= 1 ({meaning}), got {value!r}; "
+                f"set --config.train.{name}."
+            )
 
 
 def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:

@@ -641,9 +641,14 @@ def timed_first_step(train: Callable, run_state, batch, rng, num_steps: int = 1)
 def get_steps_per_call(train_config: ml_collections.ConfigDict) -> int:
     """`train.steps_per_call` (absent: 1), checked."""
     value = train_config.get("steps_per_call", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_count(value):
         raise ValueError(f"train.steps_per_call must be an integer >= 1, got {value!r}.")
     return value
+
+
+def _is_count(value: Any) -> bool:
+    """Whether `value` is an int >= 1 (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 # The intervals (fields of config.train) at which the loop must see the state between calls.
@@ -661,7 +666,7 @@ def check_step_counts(train_config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError unless every field of STEP_COUNTS is an integer >= 1."""
     for name, meaning in STEP_COUNTS.items():
         value = train_config[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_count(value):
             raise ValueError(
                 f"train.{name} must be an integer >= 1 ({meaning}), got {value!r}; "
                 f"set --config.train.{name}."

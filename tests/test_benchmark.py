@@ -1,4 +1,5 @@
-"""benchmarks/step_throughput.py: its JSON line, its hand FLOP counts, and pipeline mode."""
+"""benchmarks/step_throughput.py: its JSON line, its hand FLOP counts, and pipeline mode; and
+benchmarks/compile_time.py's cold and cached compiles."""
 
 import importlib.util
 import json
@@ -7,6 +8,7 @@ import pathlib
 import pytest
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
+COMPILE_TIME = SCRIPT.with_name("compile_time.py")
 KEYS = {
     "model",
     "mode",
@@ -94,3 +96,15 @@ def test_hand_flop_counts_of_the_other_models(benchmark, name):
         "transformer_small": 6 * 16 * 256 * (6 * (12 * 384**2 + 2 * 256 * 384) + 384 * 65),
     }[name]
     assert flops == expected
+
+
+def test_compile_time_compiles_cold_then_loads_from_the_cache():
+    spec = importlib.util.spec_from_file_location("compile_time", COMPILE_TIME)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    line = module.cold_and_cached("mlp")  # two fresh processes over one new cache directory
+    assert (line["cold_cache_hit"], line["cached_cache_hit"]) == (False, True)
+    assert line["cache_files"] >= 1 and line["pause_gc"] is True
+    for label in ("cold", "cached"):
+        seconds = line[f"{label}_lower_s"] + line[f"{label}_compile_s"]
+        assert line[f"{label}_first_step_compile_s"] == pytest.approx(seconds, abs=2e-3)

@@ -1,5 +1,6 @@
 """End to end: each tiny config trained by the loop, the command line, and resuming a run."""
 
+import gc
 import json
 import logging
 import math
@@ -86,6 +87,28 @@ def test_calls_of_several_steps_stop_at_every_report_and_save():
     assert calls == [4, 4, 1, 1, 1, 1, 4, 4, 4, 4, 1, 1]
     config.steps_per_call = 1
     assert {loop.steps_in_call(step, config) for step in range(30)} == {1}
+
+
+def test_first_step_traces_and_compiles_with_the_garbage_collector_off():
+    seen = []
+
+    def train(state, batch, rng):  # records the collector's state during the first call
+        seen.append(gc.isenabled())
+        return state, {"loss": jax.numpy.zeros([])}
+
+    assert gc.isenabled()
+    loop.timed_first_step(train, None, None, None)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ZeroDivisionError), loop.gc_paused():  # restored on an error too
+        1 / 0  # noqa: B018
+    assert gc.isenabled()
+    gc.disable()  # a caller that keeps it off keeps it off
+    try:
+        with loop.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_steps_per_call_that_does_not_divide_the_log_interval_is_warned_about(tmp_path, caplog):

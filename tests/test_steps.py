@@ -248,7 +248,7 @@ def _primitives_in_order(jaxpr) -> list[str]:
 def test_every_cross_device_sum_comes_after_the_backward_pass():
     # A sum over devices before the backward pass (e.g. of the global weight, to divide the loss
     # by it) is a blocking wait on an XLA:CPU worker thread while the other device's forward pass
-    # needs one (README, "What changed"). Traced under pmap's axis: every psum must come after
+    # needs one (benchmarks/RESULTS.md). Traced under pmap's axis: every psum must come after
     # the last matmul of the backward pass.
     config = load_config(CONFIGS / "mlp.py:tiny")
     state = create_train_state(config, jax.random.key(0))

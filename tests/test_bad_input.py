@@ -16,7 +16,7 @@ BAD_INPUT = {
     # name: (arguments, what the one error line must say)
     "unknown config field": (
         [TINY, "--config.optimizer.learning_rat=0.1"],
-        "unknown config field 'learning_rat' Did you mean \"learning_rate\"",
+        "unknown config field 'learning_rat'. Did you mean \"learning_rate\"",
     ),
     "unknown model": (
         [TINY, "--config.model.name=resnet"],

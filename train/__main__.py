@@ -65,6 +65,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = str(error.args[0]) if error.args else ""
         if text[:1] in "'\"" and text[-1:] == text[:1]:
             text = codecs.decode(text[1:-1], "unicode_escape")
+        text = ". ".join(line.strip() for line in text.splitlines() if line.strip())
         fail(AttributeError(f"unknown config field {text}"))
     except (*INPUT_ERRORS, OSError, flags.Error) as error:
         fail(error)

@@ -100,6 +100,8 @@ def repeated(name: str, repeats: int, pause_gc: bool = True) -> dict:
     runs = [cold_and_cached(name, pause_gc) for _ in range(repeats)]
     result = {"model": name, "repeats": repeats, "pause_gc": pause_gc}
     for key, value in runs[0].items():
+        if key in result:  # model, pause_gc
+            continue
         if isinstance(value, bool):  # the cache hits: one per run
             result[f"{key}_runs"] = [run[key] for run in runs]
         elif isinstance(value, float | int):

@@ -98,13 +98,35 @@ def test_hand_flop_counts_of_the_other_models(benchmark, name):
     assert flops == expected
 
 
-def test_compile_time_compiles_cold_then_loads_from_the_cache():
+@pytest.fixture(scope="module")
+def compile_time():
     spec = importlib.util.spec_from_file_location("compile_time", COMPILE_TIME)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    line = module.cold_and_cached("mlp")  # two fresh processes over one new cache directory
+    return module
+
+
+def test_compile_time_compiles_cold_then_loads_from_the_cache(compile_time):
+    line = compile_time.cold_and_cached("mlp")  # two fresh processes over one new cache directory
     assert (line["cold_cache_hit"], line["cached_cache_hit"]) == (False, True)
     assert line["cache_files"] >= 1 and line["pause_gc"] is True
     for label in ("cold", "cached"):
         seconds = line[f"{label}_lower_s"] + line[f"{label}_compile_s"]
         assert line[f"{label}_first_step_compile_s"] == pytest.approx(seconds, abs=2e-3)
+
+
+def test_compile_time_repeats_report_medians_and_every_run(compile_time, monkeypatch):
+    def pair(seconds, hit):
+        return {"model": "mlp", "pause_gc": True, "cold_first_step_compile_s": seconds,
+                "cached_first_step_compile_s": seconds / 4, "cached_cache_hit": hit,
+                "cache_files": 5}  # fmt: skip
+
+    pairs = iter([pair(4.0, True), pair(9.0, False), pair(5.0, True)])
+    monkeypatch.setattr(compile_time, "cold_and_cached", lambda name, pause_gc: next(pairs))
+    line = compile_time.repeated("mlp", 3)
+    assert (line["model"], line["repeats"], line["pause_gc"]) == ("mlp", 3, True)
+    assert "pause_gc_runs" not in line  # a setting of the whole run, not a figure of each
+    assert line["cold_first_step_compile_s"] == 5.0  # the median of 4, 9 and 5
+    assert line["cold_first_step_compile_s_runs"] == [4.0, 9.0, 5.0]
+    assert line["cached_first_step_compile_s"] == 1.25
+    assert line["cached_cache_hit_runs"] == [True, False, True] and line["cache_files"] == 5

@@ -57,9 +57,8 @@ def time_first_step(name: str, pause_gc: bool = True) -> dict[str, float | bool]
 
     setup = step_throughput.build(name)  # the same state and step as the throughput benchmark
     state, batch, rng = setup.state, setup.batch, jax.random.key(1)
-    events = []
-    jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
-    with loop.gc_paused() if pause_gc else contextlib.nullcontext():
+    paused = loop.gc_paused() if pause_gc else contextlib.nullcontext()
+    with loop.monitoring_events() as events, paused:
         start = time.perf_counter()
         lowered = setup.compiled.train.lower(state, batch, rng)
         lowered_at = time.perf_counter()

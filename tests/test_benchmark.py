@@ -29,12 +29,17 @@ KEYS = {
 QUICK = ["--model=mlp", "--steps=5", "--repeats=2", "--peak_repeats=1"]
 
 
-@pytest.fixture(scope="module")
-def benchmark():
-    spec = importlib.util.spec_from_file_location("step_throughput", SCRIPT)
+def load_script(path: pathlib.Path):
+    """The benchmark script at `path`, imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_script(SCRIPT)
 
 
 def printed_line(capsys) -> dict:
@@ -100,10 +105,7 @@ def test_hand_flop_counts_of_the_other_models(benchmark, name):
 
 @pytest.fixture(scope="module")
 def compile_time():
-    spec = importlib.util.spec_from_file_location("compile_time", COMPILE_TIME)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(COMPILE_TIME)
 
 
 def test_compile_time_compiles_cold_then_loads_from_the_cache(compile_time):

@@ -638,9 +638,10 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def timed_first_step(train: Callable, run_state, batch, rng, num_steps: int = 1):
-    """Runs the first call of `train` (`num_steps` steps), logging how long compiling and running
-    it took, and whether the executable came from the persistent compilation cache."""
+@contextlib.contextmanager
+def monitoring_events() -> Iterator[list[str]]:
+    """The names of the `jax.monitoring` events recorded during the block, such as
+    `CACHE_HIT_EVENT` when an executable comes from the persistent compilation cache."""
     events: list[str] = []
 
     def listen(event: str, **kwargs) -> None:
@@ -648,13 +649,20 @@ def timed_first_step(train: Callable, run_state, batch, rng, num_steps: int = 1)
         events.append(event)
 
     jax.monitoring.register_event_listener(listen)
-    start = time.perf_counter()
     try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+
+
+def timed_first_step(train: Callable, run_state, batch, rng, num_steps: int = 1):
+    """Runs the first call of `train` (`num_steps` steps), logging how long compiling and running
+    it took, and whether the executable came from the persistent compilation cache."""
+    start = time.perf_counter()
+    with monitoring_events() as events:
         with gc_paused():  # tracing and compiling
             run_state, sums = train(run_state, batch, rng)
         jax.block_until_ready(sums)
-    finally:
-        jax.monitoring.unregister_event_listener(listen)
     source = "from the compilation cache" if CACHE_HIT_EVENT in events else "compiled"
     what = "First step" if num_steps == 1 else f"First {num_steps} steps (one call)"
     logging.info("%s: %.2f s (train step %s).", what, time.perf_counter() - start, source)

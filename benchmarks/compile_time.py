@@ -119,9 +119,9 @@ def compile_seconds(num_layers: int, scan_layers: bool, remat: bool) -> float:
     config.model.num_layers = num_layers
     config.model.scan_layers = scan_layers
     config.model.remat = remat
-    mesh = loop.make_mesh(config.train.mesh)
+    mesh = parallel.make_mesh(config.train.mesh)
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
-    compiled = loop.compile_jit(mesh, shardings)
+    compiled = parallel.compile_jit(mesh, shardings)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
     batch = compiled.put_batch(
         {

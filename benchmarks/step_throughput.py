@@ -8,7 +8,7 @@ Usage (from the repo root):
 
 Each benchmark is a config file from `configs/` with a few fields overridden (dropout 0 always),
 run through `train.state.create_train_state` and `train.steps.train_step`, compiled by
-`train.loop.compile_jit` over `train.loop.make_mesh()` with the state donated: what
+`train.parallel.compile_jit` over `train.parallel.make_mesh()` with the state donated: what
 `python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
 its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
 `train.host_memory`) and as many CPU devices as its `train.cpu_devices` asks for (see
@@ -325,7 +325,7 @@ class Setup(NamedTuple):
     mesh: Any
     state: Any  # a fresh TrainState laid out over `mesh` as the loop lays it out
     state_sharding: Any
-    compiled: loop.Compiled  # the loop's jit steps
+    compiled: parallel.Compiled  # the loop's jit steps
     batch: dict  # a fixed random batch in device memory, laid out as the step takes it
 
 
@@ -336,13 +336,13 @@ def build(name: str, pipeline: bool = False) -> Setup:
     loop.check_batch_size(config)
     features = float_features(name, config)
     host_batch = random_batch(config, features)
-    mesh = loop.make_mesh()
+    mesh = parallel.make_mesh()
     state, state_sharding = loop.init_state(
         config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
     )
     per_call = loop.get_steps_per_call(config.train)
-    compiled = loop.compile_jit(mesh, state_sharding, steps_per_call=per_call)
-    batch = jax.device_put(host_batch, NamedSharding(mesh, P(loop.BATCH_AXES)))
+    compiled = parallel.compile_jit(mesh, state_sharding, steps_per_call=per_call)
+    batch = jax.device_put(host_batch, NamedSharding(mesh, P(parallel.BATCH_AXES)))
     return Setup(config, features, mesh, state, state_sharding, compiled, batch)
 
 
@@ -521,7 +521,7 @@ def run_benchmark(
     # so does this: memory mode stacks copies of its batch, pipeline mode iterator batches.
     per_call = loop.get_steps_per_call(config.train)
     if per_call > 1:
-        stacked = NamedSharding(mesh, P(None, loop.BATCH_AXES))
+        stacked = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
         batch = jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * per_call), batch), stacked)
     train = compiled.train_steps if per_call > 1 else compiled.train
 
@@ -534,8 +534,8 @@ def run_benchmark(
 
     # Over several CPU devices the loop waits for every step (steps queued ahead there can
     # deadlock an all-reduce); the executable run directly must too.
-    serial = loop.serializes_collectives(mesh.devices.flat)
-    runner = Runner(loop.one_at_a_time(executable) if serial else executable, state, rng)
+    serial = parallel.serializes_collectives(mesh.devices.flat)
+    runner = Runner(parallel.one_at_a_time(executable) if serial else executable, state, rng)
     calls = None if steps is None else -(-steps // per_call)  # --steps, rounded up to whole calls
     # The peak matmul's buffers are allocated before the warm-up, so that the heap it settles
     # already holds them.
@@ -546,11 +546,11 @@ def run_benchmark(
     memory_times, pipeline_times = [], []
     if pipeline:
         # What `python -m train` does: with data.on_device the split is put in device memory and
-        # the host sends batches of indices (see train.loop.compile_jit), else host batches.
+        # the host sends batches of indices (see train.parallel.compile_jit), else host batches.
         setup_start = time.perf_counter()
         on_device = config.data.on_device
         examples, decode = data.device_examples(config.data) if on_device else (None, None)
-        pipe = loop.compile_jit(
+        pipe = parallel.compile_jit(
             mesh,
             state_sharding,
             train_examples=examples,

@@ -23,6 +23,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.per_step = False  # False: classify the sequence from its last real token
     config.model.dropout_rate = 0.2
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
+    config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "glue/sst2"
@@ -36,12 +37,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "adam"  # sgd (with momentum) | adam | adamw
+    config.optimizer.name = "adam"  # any optax optimizer: sgd, adam, adamw, lion, adafactor, ...
+    config.optimizer.kwargs = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999))  # its own arguments
     config.optimizer.learning_rate = 1e-3  # peak value of the schedule
-    config.optimizer.momentum = 0.9  # sgd only
-    config.optimizer.b1 = 0.9  # adam/adamw only
-    config.optimizer.b2 = 0.999  # adam/adamw only
-    config.optimizer.weight_decay = 0.0  # adamw only (decoupled)
+    config.optimizer.weight_decay = 0.0  # on weight matrices and embeddings, not biases or norms
     config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
     config.optimizer.warmup_steps = 100
     config.optimizer.end_learning_rate = 0.0  # cosine only: value at the last step
@@ -59,9 +58,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.mesh.fsdp = 1  # >1 shards params and optimizer state (FSDP)
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
     config.train.steps_per_call = 1  # steps run in one compiled call; >1 for sub-ms steps
-    config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
-    config.train.reuse_host_memory = True  # XLA:CPU reuses freed buffers (train/host_memory.py)
-    config.train.cpu_devices = 0  # >0: that many CPU devices, data parallel (train/cpu_devices.py)
+    config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
+    config.train.reuse_host_memory = True  # command line, CPU: see train/process.py
+    config.train.cpu_devices = 0  # command line, CPU: see train/process.py
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

@@ -31,12 +31,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "sgd"  # sgd (with momentum) | adam | adamw
+    config.optimizer.name = "sgd"  # any optax optimizer: sgd, adam, adamw, lion, adafactor, ...
+    config.optimizer.kwargs = ml_collections.ConfigDict(dict(momentum=0.9))  # its own arguments
     config.optimizer.learning_rate = 0.1  # peak value of the schedule
-    config.optimizer.momentum = 0.9  # sgd only
-    config.optimizer.b1 = 0.9  # adam/adamw only
-    config.optimizer.b2 = 0.999  # adam/adamw only
-    config.optimizer.weight_decay = 0.0  # adamw only (decoupled)
+    config.optimizer.weight_decay = 0.0  # on weight matrices and embeddings, not biases or norms
     config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
     config.optimizer.warmup_steps = 100
     config.optimizer.end_learning_rate = 0.0  # cosine only: value at the last step
@@ -57,11 +55,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # which the host's work per call (dispatch, batch, metrics) would be a fifth. Best a divisor
     # of log_every and checkpoint_every: the loop reports and saves only between calls.
     config.train.steps_per_call = 25
-    config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # persistent compile cache; "" off
+    config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
     # Off here: one malloc heap makes threads wait for each other, and this 0.55 ms step lost
-    # 10% to that; the larger models gain far more (see train/host_memory.py).
+    # 10% to that; the larger models gain far more (see train/process.py).
     config.train.reuse_host_memory = False
-    config.train.cpu_devices = 0  # >0: that many CPU devices, data parallel (train/cpu_devices.py)
+    config.train.cpu_devices = 0  # command line, CPU: see train/process.py
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

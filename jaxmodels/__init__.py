@@ -1,5 +1,8 @@
 """Flax linen models and the one table that maps a config's `model.name` to a model class.
 
+The models are plain Flax; `jaxmodels.tuned` holds faster forms of some layers for XLA:CPU, which
+the CNN, LSTM and Transformer use when their `implementation` field asks for them.
+
 Usage:
   model = build_model("cnn", num_classes=10)
   variables = model.init(rng, images, train=False)
@@ -12,7 +15,7 @@ import flax.linen as nn
 from jaxmodels.cnn import CNN
 from jaxmodels.lstm import LSTM, LSTMCell, LSTMLayer
 from jaxmodels.mlp import MLP
-from jaxmodels.transformer import Transformer, TransformerBlock
+from jaxmodels.transformer import SelfAttention, Transformer, TransformerBlock
 
 MODELS = {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "transformer": Transformer}
 
@@ -49,6 +52,7 @@ __all__ = [
     "MODELS",
     "LSTMCell",
     "LSTMLayer",
+    "SelfAttention",
     "Transformer",
     "TransformerBlock",
     "build_model",

@@ -13,7 +13,7 @@ import pytest
 from jax.extend import core as jax_core
 from jax.sharding import PartitionSpec as P
 
-from train import TrainState, create_train_state, data, eval_step, loop, steps, train_step
+from train import TrainState, create_train_state, data, eval_step, loop, parallel, steps, train_step
 from train.config import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -95,12 +95,12 @@ def run_losses(config, mode: str, num_devices: int, num_steps: int = 4):
     'dp' (jit, replicated state), 'fsdp' (jit, state sharded over all devices) or 'pmap'."""
     devices = jax.devices()[:num_devices]
     fsdp = num_devices if mode == "fsdp" else 1
-    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
     if mode == "pmap":
-        compiled = loop.compile_pmap(devices)
+        compiled = parallel.compile_pmap(devices)
     else:
-        compiled = loop.compile_jit(mesh, shardings)
+        compiled = parallel.compile_jit(mesh, shardings)
     run_state, losses = compiled.to_run(state), []
     iterator = data.train_iterator(config.data, seed=0)
     for _ in range(num_steps):
@@ -139,11 +139,11 @@ def compile_layout(config, mode: str, num_devices: int, steps_per_call: int = 1)
     """(compiled steps, fresh state) for `mode` on the first `num_devices` devices (run_losses)."""
     devices = jax.devices()[:num_devices]
     fsdp = num_devices if mode == "fsdp" else 1
-    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
     if mode == "pmap":
-        return loop.compile_pmap(devices, steps_per_call=steps_per_call), state
-    return loop.compile_jit(mesh, shardings, steps_per_call=steps_per_call), state
+        return parallel.compile_pmap(devices, steps_per_call=steps_per_call), state
+    return parallel.compile_jit(mesh, shardings, steps_per_call=steps_per_call), state
 
 
 # train.steps_per_call: the same steps in one lax.scan, on every layout of the tiny MLP and on the
@@ -184,7 +184,7 @@ def test_four_steps_in_one_call_are_bitwise_the_four_steps_one_by_one(name):
 
 def test_fsdp_shards_parameters_and_optimizer_state():
     config = load_config(CONFIGS / "transformer.py:tiny")
-    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))
     state, _ = loop.init_state(config, mesh, jax.random.key(0))
     kernel = state.params["lm_head"]["kernel"]  # [width 64, vocab 65]: 64 divides by 4
     assert kernel.sharding.spec == P("fsdp", None)
@@ -195,10 +195,10 @@ def test_fsdp_shards_parameters_and_optimizer_state():
 
 
 def test_make_mesh_fills_in_minus_one_and_rejects_a_bad_product():
-    mesh = loop.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1}))
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1}))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
     with pytest.raises(ValueError, match="does not cover the 4 devices"):
-        loop.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1}))
+        parallel.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1}))
 
 
 def test_gradient_accumulation_4_x_8_equals_a_batch_of_32():
@@ -282,9 +282,9 @@ def test_the_loop_compiles_each_step_once(monkeypatch):
     # compile_jit looks steps.train_step up when called: count its traces through the real path,
     # so a sharding mismatch between the initial and the returned state would show as a retrace.
     monkeypatch.setattr(steps, "train_step", chex.assert_max_traces(steps.train_step, n=1))
-    mesh = loop.make_mesh()
+    mesh = parallel.make_mesh()
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
-    compiled = loop.compile_jit(mesh, shardings)
+    compiled = parallel.compile_jit(mesh, shardings)
     iterator = data.train_iterator(config.data, seed=0)
     for _ in range(3):
         state, _ = compiled.train(state, compiled.put_batch(next(iterator)), jax.random.key(0))
@@ -311,15 +311,15 @@ def test_bfloat16_transformer_trains_with_float32_parameters():
 @pytest.mark.parametrize("mode", ["dp", "pmap"])
 def test_several_cpu_devices_run_one_step_at_a_time(mode):
     # XLA:CPU devices share one thread pool, and steps queued ahead can deadlock their
-    # all-reduce (see loop.serializes_collectives): over several CPU devices each call returns
+    # all-reduce (see parallel.serializes_collectives): over several CPU devices each call returns
     # finished arrays. On one device the call returns at once and the step runs behind it.
     config = load_config(CONFIGS / "mlp.py:tiny")
-    assert loop.serializes_collectives(jax.devices()) and not loop.serializes_collectives(
+    assert parallel.serializes_collectives(jax.devices()) and not parallel.serializes_collectives(
         jax.devices()[:1]
     )
-    mesh = loop.make_mesh()
+    mesh = parallel.make_mesh()
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
-    compiled = loop.compile_pmap() if mode == "pmap" else loop.compile_jit(mesh, shardings)
+    compiled = parallel.compile_pmap() if mode == "pmap" else parallel.compile_jit(mesh, shardings)
     iterator = data.train_iterator(config.data, seed=0)
     run_state = compiled.to_run(state)
     for _ in range(3):

@@ -2,10 +2,9 @@
 
 from train import create_train_state, train_step, train_steps, eval_step
 
-Importing `train` does not import JAX: the names above load on first use, so that
-`python -m train` can set up host memory (`train.host_memory`) before JAX starts any thread. On
-CPU, call `train.host_memory.configure(config.train)` before your own first JAX import for the same
-effect: XLA:CPU then reuses its temporary buffers instead of page-faulting them in every step.
+Importing `train` does not import JAX: the names above load on first use, so that the command
+line can read its config and restart itself with its process settings (`train.process`) without
+starting JAX first.
 """
 
 import importlib
@@ -13,6 +12,7 @@ import importlib
 _LAZY = {
     "TrainState": "train.state",
     "create_train_state": "train.state",
+    "state_from_module": "train.state",
     "eval_step": "train.steps",
     "train_step": "train.steps",
     "train_steps": "train.steps",

@@ -139,23 +139,20 @@ def start_distributed() -> None:
 def restart_with(environ: dict[str, str] | None) -> None:
     """Replaces this process by the same command line in environment `environ` (None: goes on).
 
-    glibc reads some malloc settings only when a process starts (`train.host_memory`), so the
-    command line starts itself once more, before it imports JAX, with them set. If the restart
-    fails, the run goes on without them.
+    glibc reads its malloc settings and JAX its CPU device count only when a process starts
+    (`train.process`), so the command line starts itself once more, before it imports JAX, with
+    them set. If the restart fails, the run goes on without them.
     """
     if environ is None:
         return
-    logging.info(
-        "Restarting once with GLIBC_TUNABLES=%s: large host buffers on huge pages "
-        "(train/host_memory.py; JAXMODELS_KEEP_FREED_MEMORY=0 turns it off).",
-        environ["GLIBC_TUNABLES"],
-    )
+    changed = sorted(name for name, value in environ.items() if os.environ.get(name) != value)
+    logging.info("Restarting once with %s set (train/process.py).", ", ".join(changed))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     except OSError as error:
-        logging.warning("Could not restart (%s); large host buffers stay on the heap.", error)
+        logging.warning("Could not restart (%s); going on without those settings.", error)
 
 
 def main(argv):
@@ -166,12 +163,10 @@ def main(argv):
         config.to_dict()  # ml_collections loads the file lazily: make a missing one fail here
     except (*INPUT_ERRORS, OSError, flags.Error) as error:
         fail(error)
-    from train import cpu_devices, host_memory  # no JAX yet: the train package does not import it
+    from train import process  # no JAX yet: the train package does not import it
 
-    restart_with(host_memory.restart_environment(config.train))
-    host_memory.configure(config.train)  # before TensorFlow or JAX starts any thread
     try:
-        cpu_devices.configure(config.train)  # before JAX starts its CPU backend
+        restart_with(process.restart_environment(config.train))  # before JAX starts any thread
     except ValueError as error:
         fail(error)
     # TensorFlow is not needed, but if it is installed it must not take GPU memory from JAX.
@@ -180,6 +175,8 @@ def main(argv):
 
         tf.config.set_visible_devices([], "GPU")
     from train import loop  # imported after flag parsing: importing jax is slow
+
+    process.set_compile_cache(config.train.compile_cache_dir)
 
     try:
         start_distributed()

@@ -1,12 +1,23 @@
-"""Optimizers and learning-rate schedules built from `config.optimizer`: optax SGD, our AdamW."""
+"""Optimizers from `config.optimizer`: any optax optimizer by name, with a schedule, clipping and
+weight decay on weight matrices and embeddings only.
 
-import functools
-from typing import NamedTuple
+    config.optimizer.name           an optax optimizer: sgd, adam, adamw, lion, adafactor, ...
+    config.optimizer.kwargs         its own keyword arguments (b1, b2, momentum, ...)
+    config.optimizer.learning_rate  the schedule's peak; schedule, warmup_steps, end_learning_rate
+    config.optimizer.grad_clip_norm optax.clip_by_global_norm before the optimizer; 0 disables
+    config.optimizer.weight_decay   on weight matrices and embeddings, never biases or norm scales
+"""
+
+import inspect
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
+
+# Parameters that weight decay leaves alone, by name: biases and normalisation scales. Their
+# size is set by the data, not by capacity, and decaying them only bends the fit.
+NO_DECAY_NAMES = frozenset({"bias", "scale"})
 
 
 def make_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -29,120 +40,76 @@ def make_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Sc
     raise ValueError(f"Unknown optimizer.schedule {config.schedule!r}; use 'constant' or 'cosine'.")
 
 
+def decay_mask(params: optax.Params) -> optax.Params:
+    """True for the parameters weight decay applies to: arrays of two or more axes (kernels,
+    embeddings) that are not named in `NO_DECAY_NAMES` (a stacked `[layers, features]` bias stays
+    undecayed)."""
+
+    def decays(path, leaf) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+        return leaf.ndim >= 2 and name not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def optax_function(name: str):
+    """The optax optimizer function called `name` (e.g. `optax.adamw`)."""
+    function = getattr(optax, name, None) if name.isidentifier() else None
+    if not callable(function) or "learning_rate" not in _parameters(function):
+        raise ValueError(
+            f"Unknown optimizer.name {name!r}: not an optax optimizer; use one such as 'sgd', "
+            "'adam', 'adamw', 'lion' or 'adafactor'."
+        )
+    return function
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns the optimizer named by `config.name` (sgd, adam, adamw) and its schedule."""
-    schedule = make_schedule(config, num_steps)
-    if config.name in ("adam", "adamw"):
-        weight_decay = config.weight_decay if config.name == "adamw" else 0.0
-        optimizer = adamw(schedule, config.b1, config.b2, weight_decay, config.grad_clip_norm)
-        return optimizer, schedule
-    if config.name != "sgd":
-        raise ValueError(f"Unknown optimizer.name {config.name!r}; use 'sgd', 'adam' or 'adamw'.")
-    optimizer = optax.sgd(schedule, momentum=config.momentum or None)
-    if config.grad_clip_norm > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
-    return optimizer, schedule
+    """The optax optimizer `config.name` with its schedule, clipping and weight decay.
 
-
-class AdamWState(NamedTuple):
-    """`count`: updates taken (int32); `mu`, `nu`: Adam's moments, shaped like the params."""
-
-    count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-
-
-def adamw(
-    learning_rate: optax.Schedule,
-    b1: float,
-    b2: float,
-    weight_decay: float = 0.0,
-    clip_norm: float = 0.0,
-    eps: float = 1e-8,
-) -> optax.GradientTransformation:
-    """Adam with decoupled weight decay and optional global-norm clipping, as one transformation.
-
-    The same update as `optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(...))`
-    (`optax.adam` when `weight_decay` is 0), equal within float32 round-off (tests/test_optim.py),
-    written so that XLA compiles fewer and simpler kernels: the clipping factor is one scalar
-    folded into each moment's update instead of a clipped copy of every gradient, and the squared
-    norms of vectors (biases, norm scales) are summed a stack of one length at a time instead of
-    one vector at a time. For the small Transformer's 76 arrays XLA:CPU fuses the update into 273
-    kernels where the optax chain takes 503; it compiles in 0.8 s instead of 1.1 s and runs in
-    16 ms instead of 27-31 ms (benchmarks/RESULTS.md). Each array's update is one jitted function,
-    traced once per shape (12 for those 76 arrays). The state is this module's `AdamWState`.
+    `config.kwargs` entries the function does not take are left out with a warning, so that
+    `--config.optimizer.name=lion` works on a config written for adamw. Weight decay goes to the
+    optimizer's own argument where it has one (`weight_decay`: decoupled, as in adamw and lion;
+    `weight_decay_rate`: adafactor), masked by `decay_mask`; otherwise it is added to the gradient
+    before the optimizer (L2 regularisation, as for SGD).
 
     Args:
-      learning_rate: the schedule, called with the number of updates taken so far.
-      b1, b2: decay rates of the first and second moments.
-      weight_decay: decoupled decay, times the learning rate, on every parameter; 0 for Adam.
-      clip_norm: scale the gradients down to this global L2 norm when larger; 0 disables.
-      eps: added to the root of the second moment.
+      config: `config.optimizer`.
+      num_steps: the run's length, for the schedule.
+
+    Returns:
+      (the GradientTransformation, the learning-rate schedule).
     """
+    function = optax_function(config.name)
+    schedule = make_schedule(config, num_steps)
+    accepted = _parameters(function)
+    kwargs = {k: v for k, v in config.kwargs.items() if v is not None}
+    ignored = sorted(set(kwargs) - accepted)
+    if ignored:
+        logging.warning("optax.%s takes no %s; ignored.", config.name, ", ".join(ignored))
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    # Sequences from a config (lists after a JSON round trip) as optax expects them.
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
-    def init(params: optax.Params) -> AdamWState:
-        return AdamWState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(jnp.zeros_like, params),
-            nu=jax.tree.map(jnp.zeros_like, params),
-        )
+    decay_before = None
+    if "weight_decay" in accepted:  # always: optax.adamw's own default is not 0
+        kwargs["weight_decay"] = config.weight_decay
+        if "mask" in accepted:
+            kwargs["mask"] = decay_mask
+    elif config.weight_decay and "weight_decay_rate" in accepted:
+        kwargs.update(weight_decay_rate=config.weight_decay, weight_decay_mask=decay_mask)
+    elif config.weight_decay:
+        decay_before = optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
 
-    def update(grads, state: AdamWState, params=None):
-        if weight_decay and params is None:
-            raise ValueError(
-                "adamw with weight_decay needs params: call update(grads, state, params)."
-            )
-        count = optax.safe_increment(state.count)
-        learning_rate_now = learning_rate(state.count)  # as optax's schedule: 0-based
-        correction1 = 1 - b1 ** count.astype(jnp.float32)
-        correction2 = 1 - b2 ** count.astype(jnp.float32)
-        scale = _clip_scale(grads, clip_norm) if clip_norm > 0 else jnp.float32(1)
-        hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-        scalars = (scale, learning_rate_now, correction1, correction2)
-        decayed = params if weight_decay else state.mu  # read only with weight decay
-        structure = jax.tree.structure(grads)
-        out = [
-            _update_array(g, m, v, p, *scalars, **hyper)
-            for g, m, v, p in zip(
-                *(structure.flatten_up_to(t) for t in (grads, state.mu, state.nu, decayed)),
-                strict=True,
-            )
-        ]
-        columns = list(zip(*out, strict=True)) or [(), (), ()]  # () for a tree without arrays
-        updates, mu, nu = (structure.unflatten(column) for column in columns)
-        return updates, AdamWState(count=count, mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init, update)
+    parts = []
+    if config.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if decay_before is not None:
+        parts.append(decay_before)
+    parts.append(function(schedule, **kwargs))
+    return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule
 
 
-def _clip_scale(grads: optax.Updates, clip_norm: float) -> jax.Array:
-    """min(1, clip_norm / global L2 norm of `grads`), in float32."""
-    leaves = [g.astype(jnp.float32) for g in jax.tree.leaves(grads)]
-    squares = [jnp.sum(jnp.square(g)) for g in leaves if g.ndim > 1]
-    # Vectors (biases, norm scales) of one length are stacked and summed together: XLA:CPU
-    # would otherwise emit three small kernels for each. Stacking along a new axis, rather than
-    # concatenating, keeps the sum's order the same wherever the vectors are sharded (FSDP).
-    by_length = {}
-    for g in leaves:
-        if g.ndim <= 1:
-            by_length.setdefault(g.size, []).append(g.reshape(-1))
-    squares += [jnp.sum(jnp.square(jnp.stack(group))) for group in by_length.values()]
-    norm = jnp.sqrt(sum(squares))
-    return jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
-
-
-# One array's update, jitted so that it is traced once per shape and dtype rather than once per
-# array: the small Transformer's 76 arrays have 12 shapes. XLA inlines the calls.
-@functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "weight_decay"))
-def _update_array(g, m, v, p, scale, learning_rate, correction1, correction2, *, b1, b2, eps,
-                  weight_decay):  # fmt: skip
-    """(update, new first moment, new second moment) of one array."""
-    g = g * scale.astype(g.dtype)
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * jnp.square(g)
-    u = (m / correction1.astype(m.dtype)) / (jnp.sqrt(v / correction2.astype(v.dtype)) + eps)
-    if weight_decay:
-        u = u + weight_decay * p
-    return -learning_rate.astype(u.dtype) * u, m, v
+def _parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)

@@ -2,9 +2,11 @@
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax.training import train_state
 
 import jaxmodels
@@ -15,7 +17,7 @@ from train import optim
 TrainState = train_state.TrainState
 
 
-def build_model(config: ml_collections.ConfigDict):
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The Flax module named by `config.model.name`, with every other `config.model` field."""
     fields = config.model.to_dict()
     name = fields.pop("name")
@@ -29,8 +31,34 @@ def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> ja
     return jnp.zeros((batch_size, config.data.seq_len), jnp.int32)  # [batch, seq_len] token ids
 
 
+def state_from_module(
+    model: nn.Module, rng: jax.Array, inputs: Any, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """A TrainState at step 0 for any Flax linen module, e.g. one of your own.
+
+    The steps call `model.apply({"params": params}, inputs, train=..., rngs={"dropout": ...})`
+    and read logits from it, so the module takes `inputs` and a keyword `train`. A Flax NNX
+    model takes part through `flax.nnx.bridge.ToLinen`.
+
+    Args:
+      model: an unbound Flax module.
+      rng: a PRNG key for parameter initialisation.
+      inputs: an example batch of model inputs (zeros will do: only shapes matter).
+      optimizer: any optax GradientTransformation.
+
+    Returns:
+      A TrainState; pure, so it can be jitted with output shardings.
+    """
+    params = model.init(rng, inputs, train=False)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
+
+
 def create_train_state(
-    config: ml_collections.ConfigDict, rng: jax.Array, inputs: Any = None
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    inputs: Any = None,
+    *,
+    model: nn.Module | None = None,
 ) -> TrainState:
     """Initialises the model and optimizer named by `config`.
 
@@ -38,13 +66,12 @@ def create_train_state(
       config: a full config (`model`, `data`, `optimizer`, `train` sections).
       rng: a PRNG key for parameter initialisation.
       inputs: an example batch of model inputs; defaults to `example_inputs(config)`.
+      model: a module to use instead of the one `config.model` names.
 
     Returns:
       A TrainState at step 0. Pure, so it can be jitted with output shardings.
     """
-    model = build_model(config)
-    if inputs is None:
-        inputs = example_inputs(config)
-    params = model.init(rng, inputs, train=False)["params"]
+    model = build_model(config) if model is None else model
+    inputs = example_inputs(config) if inputs is None else inputs
     optimizer, _ = optim.make_optimizer(config.optimizer, config.train.num_steps)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
+    return state_from_module(model, rng, inputs, optimizer)

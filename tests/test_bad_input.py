@@ -78,7 +78,7 @@ BAD_INPUT = {
     ),
     "negative CPU device count": (
         [TINY, "--config.train.cpu_devices=-1"],
-        "train.cpu_devices=-1 must be >= 0 (0 keeps JAX's default of one CPU device)",
+        "train.cpu_devices=-1 must be an integer >= 0 (0 keeps JAX's default of one CPU device).",
     ),
     "workdir holds another model": (
         [TINY],

@@ -1,5 +1,7 @@
 """jaxmodels: exact parameter counts, shapes, masking invariants, dropout, mixed precision, the
-Transformer's scanned and rematerialised layers, and the model table."""
+Transformer's scanned and rematerialised layers, and the model table. The models are built with
+their plain layers (`implementation="standard"`); tests/test_tuned.py checks the XLA:CPU forms
+against them."""
 
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -12,21 +14,27 @@ import numpy as np
 import pytest
 
 from jaxmodels import MODELS, LSTMCell, LSTMLayer, Transformer, build_model
-from jaxmodels.cnn import PatchConv, max_pool_2x2
-from jaxmodels.lstm import _activate_gates, _lstm_step, lstm_sequence
-from jaxmodels.transformer import SelfAttention, attend, causal_attention
 
 # One small set of fields per model in MODELS, with an example input and the expected output shape.
+STANDARD = dict(implementation="standard")
 SMALL_FIELDS = {
     "mlp": dict(hidden_sizes=(16, 8), num_classes=3),
-    "cnn": dict(conv_features=(4, 8), dense_features=16, num_classes=3),
+    "cnn": dict(conv_features=(4, 8), dense_features=16, num_classes=3, **STANDARD),
     "lstm": dict(
-        num_layers=2, hidden_size=8, num_outputs=3, vocab_size=20, embed_dim=6, head_sizes=(5,)
+        num_layers=2,
+        hidden_size=8,
+        num_outputs=3,
+        vocab_size=20,
+        embed_dim=6,
+        head_sizes=(5,),
+        **STANDARD,
     ),
-    "transformer": dict(vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12),
+    "transformer": dict(
+        vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12, **STANDARD
+    ),
 }
 # Variants beyond SMALL_FIELDS: an LSTM over float features and the Transformer encoder classifier.
-FEATURE_LSTM_FIELDS = dict(num_layers=1, hidden_size=8, num_outputs=4)
+FEATURE_LSTM_FIELDS = dict(num_layers=1, hidden_size=8, num_outputs=4, **STANDARD)
 ENCODER_FIELDS = dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3)
 EXPECTED_SHAPES = {"mlp": (2, 3), "cnn": (2, 3), "lstm": (2, 3), "transformer": (2, 7, 16)}
 
@@ -241,8 +249,8 @@ def test_lstm_tokens_need_embed_dim():
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(scan_layers=True), dict(scan_layers=False, query_chunks=1), dict(query_chunks=3)],
-    ids=["scan", "unrolled-full-scores", "chunks-3-3-1"],
+    [dict(scan_layers=True), dict(scan_layers=False), dict(implementation="cpu")],
+    ids=["scan", "unrolled", "cpu-chunked"],
 )
 def test_transformer_decoder_is_causal(fields, small):
     model = small("transformer", **fields)
@@ -329,99 +337,6 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
     jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_grads, grads)
 
 
-@pytest.mark.parametrize("num_chunks", [7, 4, 3, 2])
-def test_chunked_causal_attention_matches_full_scores(num_chunks):
-    # Chunks skip only key blocks whose weights are exactly 0, so the outputs agree to round-off;
-    # 7 positions in chunks of 1, 2, 3 or 4 cover even, uneven (3, 3, 1) and (4, 3) splits.
-    q, k, v = (random_normal(seed, (2, 3, 7, 4)) for seed in (1, 2, 3))  # [b, heads, t, d]
-    full = causal_attention(q, k, v, num_chunks=1)
-    np.testing.assert_allclose(causal_attention(q, k, v, num_chunks), full, rtol=1e-6, atol=1e-6)
-    # And full scores are the textbook masked softmax.
-    scores = np.einsum("bhqd,bhkd->bhqk", q, k)
-    scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    np.testing.assert_allclose(full, np.einsum("bhqk,bhkd->bhqd", weights, v), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("bias_shape", [(5, 5), (2, 1, 1, 5), (2, 4, 5, 5)])
-def test_attention_backward_pass_matches_autodiff_of_a_plain_softmax(bias_shape):
-    # `attend` writes its backward pass out; it must give autodiff's gradients for every bias
-    # shape the layers pass: a [q, k] mask, a padding mask, a per-head mask.
-    q, k, v = (random_normal(seed, (2, 4, 5, 3)) for seed in (1, 2, 3))  # [b, heads, t, d]
-    bias = np.where(random_normal(4, bias_shape) > -0.5, 0.0, -1e9).astype(np.float32)
-
-    def plain(q, k, v, bias):
-        weights = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) + bias, axis=-1)
-        return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, bias) * random_normal(5, q.shape))
-
-    np.testing.assert_allclose(attend(q, k, v, bias), plain(q, k, v, bias), rtol=1e-6, atol=1e-6)
-    grads = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
-    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), grads, want)
-
-
-class TextbookAttention(nn.Module):
-    """Self-attention as usually written: Dense q/k/v, slices, a masked softmax, Dense out."""
-
-    num_heads: int
-    width: int
-
-    @nn.compact
-    def __call__(self, x, mask):
-        batch, seq_len, _ = x.shape
-        head_dim = self.width // self.num_heads
-        qkv = nn.Dense(3 * self.width, name="qkv")(x).reshape(batch, seq_len, 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [batch, seq_len, heads, head_dim]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
-        if mask is None:
-            mask = np.tril(np.ones((seq_len, seq_len), bool))
-        weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, seq_len, self.width)
-        return nn.Dense(self.width, name="out")(out)
-
-
-@pytest.mark.parametrize("num_heads", [3, 4])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
-def test_self_attention_matches_textbook_dense_layers(causal, num_heads):
-    # SelfAttention computes heads-major einsums with the kernels of two nn.Dense layers: it must
-    # declare and initialise the same parameters and compute the same function.
-    x = random_normal(1, (2, 7, 12))  # [batch, seq_len, width]
-    mask = None if causal else random_normal(2, (2, 1, 7, 7)) > -0.5  # [batch, 1, q, k]
-    if mask is not None:
-        mask = mask | np.eye(7, dtype=bool)  # every query sees at least itself
-    ours = SelfAttention(num_heads=num_heads, width=12, query_chunks=3)
-    textbook = TextbookAttention(num_heads=num_heads, width=12)
-    params = ours.init(key(0), x, mask)["params"]
-    jax.tree.map(np.testing.assert_array_equal, params, textbook.init(key(0), x, mask)["params"])
-    params = jax.tree.map(lambda p: p + random_normal(3, p.shape), params)  # nonzero biases too
-    np.testing.assert_allclose(
-        ours.apply({"params": params}, x, mask),
-        textbook.apply({"params": params}, x, mask),
-        rtol=1e-5,
-        atol=1e-5,
-    )
-    # And the same gradients (attention's backward pass is written by hand), for every parameter
-    # and the input.
-    weights = random_normal(4, x.shape)  # a random cotangent for the outputs
-
-    def grads(module):
-        def loss(params, x):
-            return (module.apply({"params": params}, x, mask) * weights).sum()
-
-        return jax.grad(loss, argnums=(0, 1))(params, x)
-
-    def close(got, expected):  # round-off relative to the largest entry of each gradient: the
-        # k bias gets none (it shifts every score of a row alike), so its entries are round-off
-        scale = float(jnp.abs(expected).max())
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
-
-    jax.tree.map(close, grads(ours), grads(textbook))
-
-
 def test_transformer_scan_traces_one_block_whatever_the_depth():
     tokens = jnp.ones((2, 7), jnp.int32)
 
@@ -434,27 +349,6 @@ def test_transformer_scan_traces_one_block_whatever_the_depth():
 
     assert num_equations(2, scan_layers=True) == num_equations(6, scan_layers=True)
     assert num_equations(6, scan_layers=False) > 2 * num_equations(2, scan_layers=False)
-
-
-@pytest.mark.parametrize("remat", [False, True])
-def test_unrolled_transformer_traces_one_block_for_every_layer(remat):
-    # Unrolled layers run one jitted block function: the model's jaxpr calls it once per layer and
-    # every call shares a single traced block; its gradient's jaxpr shares one forward and one
-    # backward block between the layers.
-    tokens = jnp.ones((2, 7), jnp.int32)
-    model = build_model(
-        "transformer", **dict(SMALL_FIELDS["transformer"], num_layers=3, remat=remat)
-    )
-    params = model.init(key(0), tokens, train=False)["params"]
-
-    def loss(params):
-        return model.apply({"params": params}, tokens, train=True).sum()
-
-    for function, num_traces in ((loss, 1), (jax.grad(loss), 2)):
-        jaxpr = jax.make_jaxpr(function)(params).jaxpr
-        calls = [e for e in jaxpr.eqns if e.params.get("name") == "_apply_block"]
-        assert len(calls) == 3 * num_traces
-        assert len({id(e.params["jaxpr"]) for e in calls}) == num_traces
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -478,18 +372,24 @@ def test_bfloat16_computation(name, small):
     np.testing.assert_allclose(logits, expected, rtol=0, atol=5e-2 * scale)
     assert not np.array_equal(logits, expected)  # it did compute in a lower precision
 
-    # Every matmul and conv runs on bfloat16 operands, in the backward pass too (only traced).
+    # Every matmul and conv runs on bfloat16 operands, in the backward pass too (only traced),
+    # but for the gradient of attention's scores: jax.nn.dot_product_attention keeps the scores
+    # in float32, so their gradient reaches q and k in float32.
     def loss(params):
         return model.apply({"params": params}, x, train=False).sum()
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-    operand_dtypes = {
-        str(var.aval.dtype)
-        for eqn in all_equations(jaxpr)
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
-        for var in eqn.invars
-    }
-    assert operand_dtypes == {"bfloat16"}
+    def operand_dtypes(function) -> set[str]:
+        jaxpr = jax.make_jaxpr(function)(params).jaxpr
+        return {
+            str(var.aval.dtype)
+            for eqn in all_equations(jaxpr)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+            for var in eqn.invars
+        }
+
+    assert operand_dtypes(loss) == {"bfloat16"}
+    if name != "transformer":
+        assert operand_dtypes(jax.grad(loss)) == {"bfloat16"}
 
 
 def test_lstm_cell_state_stays_float32():
@@ -502,17 +402,9 @@ def test_lstm_cell_state_stays_float32():
     assert c.shape == h.shape == (3, H)
 
 
-def test_lstm_gates_are_three_sigmoids_and_a_tanh():
-    gates = 4 * random_normal(3, (2, 4 * H))  # [batch, 4 * hidden]: i, f, g, o
-    i, f, g, o = np.split(np.asarray(gates, np.float64), 4, axis=-1)
-    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    expected = np.concatenate([sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)], axis=-1)
-    np.testing.assert_allclose(jax.jit(_activate_gates)(gates), expected, rtol=0, atol=5e-7)
-
-
 def test_lstm_layer_matches_cell_loop():
     x = random_normal(1, (3, 6, 5))  # [batch, seq_len, features]
-    layer = LSTMLayer(hidden_size=H)
+    layer = LSTMLayer(hidden_size=H, implementation="standard")
     params = jax.jit(layer.init)(key(0), x)["params"]
     assert {k: v.shape for k, v in params.items()} == {
         "input_kernel": (5, 4 * H),
@@ -530,46 +422,6 @@ def test_lstm_layer_matches_cell_loop():
         carry, h = cell.apply({"params": params}, carry, x[:, t])
         expected.append(h)
     np.testing.assert_allclose(outputs, jnp.stack(expected, axis=1), atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
-def test_lstm_sequence_gradients_match_autodiff(dtype, tolerance):
-    # The hand-written backward pass against autodiff of the plain input projection and scan.
-    features = 5
-    args = (
-        random_normal(0, (6, 3, features)).astype(
-            dtype
-        ),  # x, time-major [seq_len, batch, features]
-        (random_normal(4, (features, 4 * H)) * 0.5).astype(dtype),  # input kernel
-        (random_normal(1, (H, 4 * H)) * 0.5).astype(dtype),  # recurrent kernel
-        random_normal(2, (4 * H,)).astype(dtype),  # bias
-    )
-    weights = random_normal(3, (6, 3, H))  # a random cotangent for the outputs
-
-    def plain(x, input_kernel, recurrent_kernel, bias):
-        carry = (jnp.zeros((3, H)), jnp.zeros((3, H), dtype))
-        gates = x @ input_kernel + bias
-        return jax.lax.scan(partial(_lstm_step, recurrent_kernel), carry, gates)[1]
-
-    def loss(sequence, *args):
-        return (sequence(*args).astype(jnp.float32) * weights).sum()
-
-    # Same sums as the plain scan, though XLA:CPU may run the recurrent matmul with another
-    # kernel (see `_sequence_forward`): round-off only. h lies in (-1, 1).
-    np.testing.assert_allclose(
-        np.asarray(lstm_sequence(*args), np.float32),
-        np.asarray(plain(*args), np.float32),
-        atol=tolerance,
-        rtol=0,
-    )
-    expected = jax.grad(partial(loss, plain), argnums=(0, 1, 2, 3))(*args)
-    got = jax.grad(partial(loss, lstm_sequence), argnums=(0, 1, 2, 3))(*args)
-    for g, e in zip(got, expected, strict=True):
-        assert g.shape == e.shape and g.dtype == e.dtype == jnp.dtype(dtype)
-        scale = float(jnp.abs(e.astype(jnp.float32)).max())
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32), np.asarray(e, np.float32), atol=tolerance * scale
-        )
 
 
 def test_lstm_classifier_uses_only_valid_tokens(small):
@@ -601,37 +453,6 @@ def test_lstm_under_pmap_and_grad(small):
     grads = jax.jit(jax.grad(loss))(model.variables["params"])
     for path, grad in jax.tree_util.tree_leaves_with_path(grads):
         assert np.isfinite(np.asarray(grad)).all() and np.abs(grad).max() > 0, path
-
-
-@pytest.mark.parametrize("kernel_size, in_features", [((3, 3), 1), ((3, 3), 5), ((5, 3), 2)])
-def test_patch_conv_matches_nn_conv(kernel_size, in_features):
-    x = random_normal(1, (2, 6, 7, in_features))
-    patch_conv = PatchConv(4, kernel_size)
-    params = patch_conv.init(key(0), x)["params"]
-    conv = nn.Conv(4, kernel_size, padding="SAME")
-    # The same parameter tree, so checkpoints and parameter counts are those of nn.Conv.
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, conv.init(key(0), x)["params"]
-    )
-    params = jax.tree.map(lambda p: random_normal(2, p.shape), params)  # a non-zero bias too
-    expected = conv.apply({"params": params}, x)
-    np.testing.assert_allclose(patch_conv.apply({"params": params}, x), expected, atol=1e-5)
-
-    def grads(module):
-        return jax.grad(lambda p: (module.apply({"params": p}, x) ** 2).sum())(params)
-
-    jax.tree.map(
-        partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-4), grads(patch_conv), grads(conv)
-    )
-    with pytest.raises(ValueError, match="odd kernel_size"):
-        PatchConv(4, (2, 3)).init(key(0), x)
-
-
-def test_max_pool_matches_nn_max_pool():
-    x = random_normal(0, (2, 8, 6, 3))
-    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
-    with pytest.raises(ValueError, match=r"\(2, 7, 6, 3\)"):
-        max_pool_2x2(jnp.zeros((2, 7, 6, 3)))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

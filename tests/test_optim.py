@@ -1,6 +1,9 @@
-"""Optimizers and schedules built from the config: exact values at known steps."""
+"""Optimizers and schedules built from the config: exact values at known steps, any optax optimizer
+by name, weight decay on weight matrices and embeddings only."""
 
-import chex
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,10 +18,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(
         dict(
             name="sgd",
+            kwargs=dict(momentum=0.9),
             learning_rate=0.1,
-            momentum=0.9,
-            b1=0.9,
-            b2=0.999,
             weight_decay=0.0,
             schedule="cosine",
             warmup_steps=10,
@@ -61,8 +62,9 @@ def test_sgd_momentum_update_by_hand():
 
 def test_gradient_clipping_bounds_the_global_norm():
     config = optimizer_config(
-        schedule="constant", warmup_steps=0, learning_rate=1.0, momentum=0.0, grad_clip_norm=1.0
+        schedule="constant", warmup_steps=0, learning_rate=1.0, grad_clip_norm=1.0
     )
+    config.kwargs.momentum = None  # None: not passed (plain SGD)
     optimizer, _ = optim.make_optimizer(config, num_steps=10)
     params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
     grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}  # global norm 5
@@ -76,16 +78,17 @@ def test_adamw_first_step_and_decay():
         name="adamw", schedule="constant", warmup_steps=0, learning_rate=0.1, weight_decay=0.5
     )
     optimizer, _ = optim.make_optimizer(config, num_steps=10)
-    params = {"w": jnp.array([2.0])}
-    updates, _ = optimizer.update({"w": jnp.array([3.0])}, optimizer.init(params), params)
+    params = {"kernel": jnp.array([[2.0]])}
+    updates, _ = optimizer.update({"kernel": jnp.array([[3.0]])}, optimizer.init(params), params)
     # Adam's first step is lr * sign(g) (up to eps); decoupled decay adds lr * wd * w.
-    np.testing.assert_allclose(updates["w"], [-0.1 - 0.1 * 0.5 * 2.0], rtol=1e-5)
+    np.testing.assert_allclose(updates["kernel"], [[-0.1 - 0.1 * 0.5 * 2.0]], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("name", "lion", "Unknown optimizer.name 'lion'"),
+        ("name", "lamb2", "Unknown optimizer.name 'lamb2': not an optax optimizer"),
+        ("name", "chain", "Unknown optimizer.name 'chain': not an optax optimizer"),
         ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
     ],
 )
@@ -100,70 +103,107 @@ def test_schedule_is_jittable():
     np.testing.assert_allclose(jax.jit(schedule)(10), 0.1, rtol=1e-6)
 
 
-def reference_optimizer(name: str, weight_decay: float, clip_norm: float, schedule):
-    """What `optim.adamw` replaces: optax's own Adam(W), after optax's global-norm clipping."""
-    if name == "adam":
-        reference = optax.adam(schedule, b1=0.9, b2=0.999)
-    else:
-        reference = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay)
-    if clip_norm:
-        reference = optax.chain(optax.clip_by_global_norm(clip_norm), reference)
-    return reference
-
-
-# A matrix, three vectors of one length and one of another, and a scalar: the clipping norm
-# stacks vectors by length, so every kind of leaf is in play.
-SHAPES = {
-    "dense": {"kernel": (6, 5), "bias": (5,)},
-    "norm": {"scale": (5,), "bias": (5,)},
-    "head": (7,),
-    "temperature": (),
+# A model's parameters: kernels and embeddings decay; biases, norm scales (and a stacked bias of
+# scanned layers, two-dimensional but still a bias) do not.
+PARAMS = {
+    "embed": {"embedding": jnp.full((4, 3), 2.0)},
+    "dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+    "norm": {"scale": jnp.full((3,), 2.0), "bias": jnp.full((3,), 2.0)},
+    "blocks": {"bias": jnp.full((2, 3), 2.0)},
 }
 
 
-@pytest.mark.parametrize(
-    "name, weight_decay, clip_norm",
-    [("adam", 0.0, 0.0), ("adamw", 0.1, 0.0), ("adamw", 0.1, 1.0), ("adam", 0.0, 1e3)],
-)
-def test_adamw_matches_optax_over_ten_steps(name, weight_decay, clip_norm):
+def test_decay_mask_names_weight_matrices_and_embeddings_only():
+    mask = optim.decay_mask(PARAMS)
+    assert mask == {
+        "embed": {"embedding": True},
+        "dense": {"kernel": True, "bias": False},
+        "norm": {"scale": False, "bias": False},
+        "blocks": {"bias": False},
+    }
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "sgd", "adam"])
+def test_weight_decay_leaves_biases_and_norm_scales_unchanged(name):
+    # With zero gradients the only change is weight decay: kernels and embeddings shrink,
+    # biases and scales stay exactly as they are, whichever way the optimizer takes its decay.
     config = optimizer_config(
-        name=name, learning_rate=0.01, warmup_steps=3, end_learning_rate=0.0,
-        weight_decay=weight_decay, grad_clip_norm=clip_norm,
-    )  # fmt: skip
-    ours, schedule = optim.make_optimizer(config, num_steps=10)
-    reference = reference_optimizer(name, weight_decay, clip_norm, schedule)
-    rng = np.random.default_rng(0)
-    draw = lambda: jax.tree.map(  # noqa: E731
-        lambda shape: jnp.asarray(3 * rng.normal(size=shape), jnp.float32),
-        SHAPES, is_leaf=lambda x: isinstance(x, tuple),
-    )  # fmt: skip
-    params = ours_params = draw()
-    ours_state, reference_state = ours.init(params), reference.init(params)
-    norms = []
-    for _ in range(10):
-        grads = draw()
-        norms.append(float(optax.tree.norm(grads)))
-        updates, reference_state = reference.update(grads, reference_state, params)
-        params = optax.apply_updates(params, updates)
-        updates, ours_state = ours.update(grads, ours_state, ours_params)
-        ours_params = optax.apply_updates(ours_params, updates)
-    if clip_norm == 1.0:
-        assert min(norms) > 5  # every step clipped
-    # A wrong update moves a parameter by about the learning rate (1e-2); round-off by 1e-7.
-    chex.assert_trees_all_close(ours_params, params, rtol=1e-6, atol=1e-6)
-    adam_state = reference_state[-1][0] if clip_norm else reference_state[0]
-    chex.assert_trees_all_close(ours_state.mu, adam_state.mu, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(ours_state.nu, adam_state.nu, rtol=1e-6, atol=1e-7)
-    assert int(ours_state.count) == 10
-
-
-def test_clipping_sums_vectors_of_one_length_together():
-    # XLA:CPU compiles three small kernels for each vector's sum of squares: the norm stacks
-    # vectors of one length and sums each stack once. Here the matrix, then vectors of lengths 5
-    # (three), 7 and 1 (the scalar): 4 sums, where one per array would be 6.
-    config = optimizer_config(name="adam", grad_clip_norm=1.0)
+        name=name, schedule="constant", warmup_steps=0, learning_rate=0.1, weight_decay=0.5
+    )
     optimizer, _ = optim.make_optimizer(config, num_steps=10)
-    params = jax.tree.map(jnp.zeros, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
-    jaxpr = jax.make_jaxpr(optimizer.update)(params, optimizer.init(params), params)
-    sums = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_sum"]
-    assert len(sums) == 4, jaxpr  # the only sums of the update are the norm's
+    state = optimizer.init(PARAMS)
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    updates, _ = optimizer.update(zeros, state, PARAMS)
+    new = optax.apply_updates(PARAMS, updates)
+    mask = optim.decay_mask(PARAMS)
+    for path, decays in jax.tree_util.tree_leaves_with_path(mask):
+        before = np.asarray(_get(PARAMS, path))
+        after = np.asarray(_get(new, path))
+        if decays:
+            assert (after < before).all(), (name, path)
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=f"{name} {path}")
+
+
+def _get(tree, path):
+    for entry in path:
+        tree = tree[entry.key]
+    return tree
+
+
+def test_adamw_is_optax_adamw_with_the_mask():
+    # No project-written optimizer: the chain is optax's own, update for update.
+    config = optimizer_config(
+        name="adamw",
+        kwargs=dict(b1=0.9, b2=0.95),
+        schedule="constant",
+        warmup_steps=0,
+        learning_rate=0.01,
+        weight_decay=0.1,
+        grad_clip_norm=1.0,
+    )
+    ours, _ = optim.make_optimizer(config, num_steps=10)
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(0.01, b1=0.9, b2=0.95, weight_decay=0.1, mask=optim.decay_mask),
+    )
+    params, ref_params = PARAMS, PARAMS
+    state, ref_state = ours.init(params), reference.init(params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p, s=step: jnp.cos(p * (s + 1)) * 3.0, params)
+        updates, state = ours.update(grads, state, params)
+        ref_updates, ref_state = reference.update(grads, ref_state, ref_params)
+        params = optax.apply_updates(params, updates)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_keyword_arguments_the_optimizer_does_not_take_are_left_out(caplog):
+    config = optimizer_config(name="lion", kwargs=dict(b1=0.95, momentum=0.9))
+    optimizer, _ = optim.make_optimizer(config, num_steps=10)
+    assert "optax.lion takes no momentum; ignored." in caplog.text
+    optimizer.init(PARAMS)  # b1 went through; momentum did not break the call
+
+
+def test_a_run_with_lion_trains_the_tiny_mlp(tmp_path):
+    # An optax optimizer our code does not mention anywhere, named on the command line.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config=configs/mlp.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optimizer.name=lion",
+            "--config.optimizer.learning_rate=1e-3",
+            "--config.train.num_steps=100",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    scalars = dict(item.split("=") for item in result.stdout.split())
+    # Chance is ln(10) = 2.30; lion at 1e-3 for 100 steps of 128 real MNIST images (the config's
+    # SGD momentum left out with a warning) gets to about 0.46 over steps 51-100.
+    assert float(scalars["train/loss"]) < 0.7
+    assert float(scalars["eval/accuracy"]) > 0.85

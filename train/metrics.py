@@ -6,6 +6,7 @@ import pathlib
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
 
 Metrics = dict[str, Any]
 
@@ -57,8 +58,6 @@ class MetricWriter:
         self.path = workdir / "metrics.jsonl"
         truncate_after(self.path, resume_step)
         self._file = self.path.open("a")
-        from tensorboardX import SummaryWriter  # imported late: only the writing process needs it
-
         self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

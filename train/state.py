@@ -49,7 +49,9 @@ def state_from_module(
     Returns:
       A TrainState; pure, so it can be jitted with output shardings.
     """
-    params = model.init(rng, inputs, train=False)["params"]
+    # A "dropout" stream too: Flax NNX layers take their rng streams when they are built.
+    rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
+    params = model.init(rngs, inputs, train=False)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
 
 

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import io
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -47,6 +48,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 from tensorflow_datasets.proto import tf_example_pb2
 
 Batch = dict[str, np.ndarray]
@@ -58,6 +60,10 @@ PAD_ID, UNK_ID = 0, 1  # word vocabularies only; the character vocabulary has ne
 # data set, shared by every config that trains on it.
 _VOCAB_SPLIT = "train"
 _READ_CHUNK = 4096  # examples per batched read when a whole split is loaded
+# A TFDS data dir inside the package (tiny_shakespeare, 0.7 MB), read when the configured data dir
+# has no copy of a data set it holds: `python -m train --config=configs/transformer.py` runs
+# anywhere, offline, with nothing prepared. Written by `python -m train.prepare`.
+EMBEDDED_DATA_DIR = str(pathlib.Path(__file__).resolve().parent / "embedded_data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +114,41 @@ class DatasetInfo:
         return "".join(tokens)
 
 
-def resolve_data_dir(data_config: ml_collections.ConfigDict) -> str:
-    """`data.data_dir`, else $TFDS_DATA_DIR, else tfds's default ~/tensorflow_datasets."""
-    data_dir = data_config.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+def configured_data_dir(data_dir: str | os.PathLike | None) -> str:
+    """`data_dir`, else $TFDS_DATA_DIR, else tfds's default ~/tensorflow_datasets."""
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     return os.path.expanduser(os.fspath(data_dir))
+
+
+def resolve_data_dir(data_config: ml_collections.ConfigDict) -> str:
+    """The TFDS data dir `data.dataset` is read from.
+
+    `data.data_dir`, else $TFDS_DATA_DIR, else tfds's default ~/tensorflow_datasets; but if that
+    dir holds no prepared copy of the data set and the package embeds one (`EMBEDDED_DATA_DIR`),
+    the embedded one.
+    """
+    data_dir = configured_data_dir(data_config.data_dir)
+    dataset = data_config.dataset
+    if _has_prepared_copy(data_dir, dataset) or not _has_prepared_copy(EMBEDDED_DATA_DIR, dataset):
+        return data_dir
+    _log_embedded(dataset, data_dir)
+    return EMBEDDED_DATA_DIR
+
+
+def _has_prepared_copy(data_dir: str, dataset: str) -> bool:
+    """Whether `data_dir` holds `dataset` ('glue/sst2', or pinned: 'mnist:3.0.1'), any format."""
+    name, _, version = dataset.partition(":")
+    return any(pathlib.Path(data_dir, name).glob(f"{version or '*'}/dataset_info.json"))
+
+
+@functools.cache  # once per data set and dir
+def _log_embedded(dataset: str, data_dir: str) -> None:
+    logging.info(
+        "Data set %r is not prepared in %s: reading the copy embedded in the package, %s.",
+        dataset,
+        data_dir,
+        EMBEDDED_DATA_DIR,
+    )
 
 
 def load_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -290,13 +327,25 @@ def eval_batches(
 # --- Reading splits -------------------------------------------------------------------------------
 
 
-def _not_found(dataset: str, data_dir: str, why: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"Data set {dataset!r} {why} in data dir {data_dir}. Set TFDS_DATA_DIR or data.data_dir "
-        f"to a dir with prepared ArrayRecord data, or prepare it on a machine with internet: "
-        f"tfds.builder({dataset!r}, data_dir=..., file_format='array_record')"
-        f".download_and_prepare()"
-    )
+def _not_found(dataset: str, data_dir: str, why: str, elsewhere: bool = False) -> FileNotFoundError:
+    """A one-line error naming the command that prepares `dataset` in `data_dir` (`elsewhere`:
+    in another dir, since `data_dir` holds a copy in a form this pipeline cannot read)."""
+    from train import prepare  # the data sets `python -m train.prepare` knows (imports this)
+
+    name = dataset.split(":")[0]
+    if name not in prepare.DATASETS:
+        fix = "Point data.data_dir or TFDS_DATA_DIR at a TFDS data dir that holds it as ArrayRecord"
+    elif elsewhere:
+        fix = (
+            f"Prepare it as ArrayRecord in another dir: python -m train.prepare {name} "
+            f"--data_dir=DIR, and point data.data_dir or TFDS_DATA_DIR at DIR"
+        )
+    else:
+        fix = (
+            f"Prepare it: python -m train.prepare {name} --data_dir={data_dir} (or point "
+            f"data.data_dir or TFDS_DATA_DIR at a dir that holds it)"
+        )
+    return FileNotFoundError(f"Data set {dataset!r} {why} in data dir {data_dir}. {fix}.")
 
 
 def _first_line(error: Exception) -> str:
@@ -326,8 +375,8 @@ def _source(dataset: str, data_dir: str, split: str, **kwargs) -> Sequence:
     try:
         return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False, **kwargs)
     except NotImplementedError:  # prepared, but as TFRecord, which has no random access
-        why = f"is prepared as {builder.info.file_format}, not ArrayRecord,"
-        raise _not_found(dataset, data_dir, why) from None
+        why = f"is prepared as {builder.info.file_format.value}, not ArrayRecord,"
+        raise _not_found(dataset, data_dir, why, elsewhere=True) from None
     except (ValueError, KeyError) as err:
         splits = {name: info.num_examples for name, info in builder.info.splits.items()}
         raise ValueError(

@@ -1,4 +1,10 @@
-"""Shared test set-up: four fake CPU devices and the prepared data in ../shared/data."""
+"""Shared test set-up: four fake CPU devices, and real data that travels with the repository.
+
+$TFDS_DATA_DIR defaults to tests/data/tfds: small real slices of MNIST and SST-2 (see
+tests/data/make_slices.py); tiny_shakespeare comes whole from the package's embedded copy. Tests
+that need the full data sets use the `shared_data_dir` fixture, ../shared/data's prepared copy,
+and are skipped where there is none.
+"""
 
 import json
 import os
@@ -13,23 +19,27 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_SHARED = _REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
-if "TFDS_DATA_DIR" not in os.environ and _SHARED.is_dir():
-    os.environ["TFDS_DATA_DIR"] = str(_SHARED)
+SLICES_DIR = _REPO / "tests" / "data" / "tfds"
+SHARED_DATA = _REPO.parent / "shared" / "data"  # CI has it; a fresh clone need not
+os.environ.setdefault("TFDS_DATA_DIR", str(SLICES_DIR))
 
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> str:
-    """The TFDS data directory holding the prepared ArrayRecord datasets."""
-    path = os.environ.get("TFDS_DATA_DIR", "")
-    if not pathlib.Path(path).is_dir():
-        pytest.fail(
-            f"TFDS_DATA_DIR={path!r} is not a directory; point it at "
-            "shared/data/tensorflow_datasets_array_record"
-        )
-    return path
+    """The TFDS data dir of the committed slices (MNIST train[:8192] and test[:1000]; SST-2
+    train[:4096], all of validation, test[:256]), whatever $TFDS_DATA_DIR says, so the numbers
+    tests assert hold everywhere."""
+    return str(SLICES_DIR)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+    """../shared/data (raw files and full prepared copies); the test is skipped without it."""
+    if not (SHARED_DATA / "tensorflow_datasets_array_record").is_dir():
+        pytest.skip(f"needs the full data sets in {SHARED_DATA}, which is absent here")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

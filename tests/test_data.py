@@ -1,7 +1,13 @@
-"""The input pipeline on the real prepared data: shapes, vocabularies, seeds, shards, eval sums."""
+"""The input pipeline on real data: shapes, vocabularies, seeds, shards, eval sums.
+
+The data travel with the repository: the committed slices of MNIST and SST-2 (tests/data/tfds, the
+first examples of each split in TFDS's order) and the package's embedded tiny_shakespeare. The few
+checks against the full data sets and their raw files use ../shared/data and are skipped without it.
+"""
 
 import collections
 import csv
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -13,10 +19,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from train import data, loop
+from train import data, parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RAW = REPO.parent / "shared" / "data" / "raw"
+# TFDS's tiny_shakespeare splits: 90%, 5% and 5% of the characters of char-rnn's input.txt
+# (1115394 bytes, sha256 86c4e6aa...c565ed), as (characters, sha256 of their UTF-8 bytes).
+SHAKESPEARE = {
+    "train": (1003854, "a9e24e23a1ec77744dad26844bfd5a09b6e041954e1eef0000e7f24cba6db735"),
+    "validation": (55770, "c64e90c160750d91a9d2d9b1ace5eab1a440f5a1701d32a8e97a179b7839f1c8"),
+    "test": (55770, "8b5a8c8af45905547ad03b7aae6980a277a5dd78924a6e6ac64b75d63d7d40bd"),
+}
 
 
 def data_config(data_dir: str, dataset: str = "mnist", **overrides) -> ml_collections.ConfigDict:
@@ -54,13 +66,23 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def shakespeare_train_text() -> str:
-    text = (RAW / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
-    return text[: int(len(text) * 0.9)]  # TFDS's train split: the first 90% of the characters
+def shakespeare_text(split: str = "train") -> str:
+    """A split of the embedded tiny_shakespeare, read by tfds itself (one example per split)."""
+    source = data.tfds.data_source(
+        "tiny_shakespeare", split=split, data_dir=data.EMBEDDED_DATA_DIR, download=False
+    )
+    return source[0]["text"].decode("utf-8")
 
 
-def sst2_rows(name: str) -> list[dict]:
-    with open(RAW / "glue_sst2" / name, encoding="utf-8") as f:
+def sst2_sentences(data_dir: str, split: str = "train") -> list[str]:
+    """Every sentence of an SST-2 split, in order, read by tfds itself."""
+    source = data.tfds.data_source("glue/sst2", split=split, data_dir=data_dir, download=False)
+    return [ex["sentence"].decode("utf-8") for ex in source.__getitems__(range(len(source)))]
+
+
+def raw_sst2_rows(shared_data_dir: pathlib.Path, name: str) -> list[dict]:
+    """GLUE's SST-2 TSV file `name`, read as TFDS reads it."""
+    with open(shared_data_dir / "raw" / "glue_sst2" / name, encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
@@ -75,6 +97,38 @@ def test_resolve_data_dir_prefers_config_then_env_then_default(monkeypatch):
     assert data.resolve_data_dir(data_config(None)) == str(
         pathlib.Path.home() / "tensorflow_datasets"
     )
+
+
+def test_embedded_shakespeare_when_the_data_dir_has_none(tmp_path, data_dir):
+    empty, own = tmp_path / "empty", tmp_path / "own"
+    empty.mkdir()
+    (own / "tiny_shakespeare" / "1.0.0").mkdir(parents=True)
+    (own / "tiny_shakespeare" / "1.0.0" / "dataset_info.json").write_text("{}")
+    resolve = data.resolve_data_dir
+    # No copy of its own, or no dir at all: the package's. A copy of its own always wins.
+    assert resolve(data_config(str(empty), "tiny_shakespeare")) == data.EMBEDDED_DATA_DIR
+    assert resolve(data_config(str(tmp_path / "nowhere"), "tiny_shakespeare")) == (
+        data.EMBEDDED_DATA_DIR
+    )
+    assert resolve(data_config(str(own), "tiny_shakespeare")) == str(own)
+    assert resolve(data_config(str(empty), "tiny_shakespeare:1.0.0")) == data.EMBEDDED_DATA_DIR
+    assert resolve(data_config(str(own), "tiny_shakespeare:1.0.0")) == str(own)
+    # The package embeds no MNIST: the configured dir stays, to fail with the prepare command.
+    assert resolve(data_config(str(empty), "mnist")) == str(empty)
+    assert resolve(data_config(data_dir, "mnist")) == data_dir
+
+    # Read through the pipeline from the empty dir: the whole original text.
+    config = data_config(str(empty), "tiny_shakespeare", batch_size=128, seq_len=64)
+    assert data.load_info(config).vocab_size == 65
+    assert sum(b["weights"].sum() for b in data.eval_batches(config)) == 55770 - 1
+
+
+def test_embedded_shakespeare_is_the_original_text():
+    for split, (length, sha256) in SHAKESPEARE.items():
+        text = shakespeare_text(split)
+        assert len(text) == length
+        assert hashlib.sha256(text.encode("utf-8")).hexdigest() == sha256, split
+    assert shakespeare_text().startswith("First Citizen:\nBefore we proceed any further, hear me")
 
 
 # --- MNIST ----------------------------------------------------------------------------------------
@@ -139,7 +193,7 @@ def test_mnist_eval_counts_every_example_once(data_dir):
 
 def test_shakespeare_vocab_and_round_trip(data_dir):
     info = data.load_info(data_config(data_dir, "tiny_shakespeare"))
-    text = shakespeare_train_text()
+    text = shakespeare_text()
     assert info.vocab_size == 65 and info.num_classes == 0 and info.is_language_model
     assert info.vocab == tuple(sorted(set(text)))
     assert info.vocab[:3] == ("\n", " ", "!")
@@ -154,7 +208,7 @@ def test_shakespeare_vocab_and_round_trip(data_dir):
 def test_shakespeare_train_windows(data_dir):
     config = data_config(data_dir, "tiny_shakespeare", batch_size=16, seq_len=32)
     info = data.load_info(config)
-    text = shakespeare_train_text()
+    text = shakespeare_text()
     (batch,) = take(data.train_iterator(config, seed=3), 1)
     for key in ("inputs", "targets"):
         assert batch[key].shape == (16, 32) and batch[key].dtype == np.int32
@@ -178,20 +232,54 @@ def test_shakespeare_eval_counts_every_target_token(data_dir):
 # --- glue/sst2 ------------------------------------------------------------------------------------
 
 
-def test_sst2_vocab_matches_raw_tsv(data_dir):
-    counts = collections.Counter(
-        word for row in sst2_rows("train.tsv") for word in row["sentence"].lower().split()
-    )
+def test_sst2_vocab_matches_training_sentences(data_dir):
+    sentences = sst2_sentences(data_dir)
+    assert len(sentences) == 4096  # the slice: train[:4096]
+    counts = collections.Counter(word for s in sentences for word in s.lower().split())
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     info = data.load_info(data_config(data_dir, "glue/sst2", vocab_size=1000))
     assert info.vocab == ("<pad>", "<unk>", *[w for w, _ in ranked[:998]])
     assert (info.vocab_size, info.num_classes, info.is_language_model) == (1000, 2, False)
-    assert [info.vocab.index(w) for w in ("the", ",", "a", "and", "of", ".")] == [2, 3, 4, 5, 6, 7]
-    np.testing.assert_array_equal(info.encode("The film , zzzunseenzzz ."), [2, 17, 3, 1, 7])
+    assert [info.vocab.index(w) for w in (",", "the", "a", "and", "of", ".")] == [2, 3, 4, 5, 6, 7]
+    np.testing.assert_array_equal(info.encode("The film , zzzunseenzzz ."), [3, 17, 2, 1, 7])
     assert info.vocab[17] == "film"
-    assert info.decode([2, 17, 7, 0, 0]) == "the film ."
+    assert info.decode([3, 17, 7, 0, 0]) == "the film ."
     # The full vocabulary: every training word fits in 16384 entries.
-    assert data.load_info(data_config(data_dir, "glue/sst2")).vocab_size == len(counts) + 2 == 14818
+    assert data.load_info(data_config(data_dir, "glue/sst2")).vocab_size == len(counts) + 2 == 7001
+
+
+def test_sst2_full_vocabulary_matches_raw_tsv(shared_data_dir):
+    full_dir = str(shared_data_dir / "tensorflow_datasets_array_record")
+    rows = raw_sst2_rows(shared_data_dir, "train.tsv")
+    counts = collections.Counter(word for row in rows for word in row["sentence"].lower().split())
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    info = data.load_info(data_config(full_dir, "glue/sst2", vocab_size=1000))
+    assert info.vocab == ("<pad>", "<unk>", *[w for w, _ in ranked[:998]])
+    assert [info.vocab.index(w) for w in ("the", ",", "a", "and", "of", ".")] == [2, 3, 4, 5, 6, 7]
+    assert data.load_info(data_config(full_dir, "glue/sst2")).vocab_size == len(counts) + 2 == 14818
+
+
+def test_slices_are_the_first_examples_of_the_full_sets(shared_data_dir, data_dir):
+    # What tests/data/make_slices.py writes: each split's first examples, the records unchanged.
+    full_dir = shared_data_dir / "tensorflow_datasets_array_record"
+    raw = data.tfds.decode.DeserializeMethod.RAW_BYTES
+    for name, splits in {
+        "mnist": ("train", "test"),
+        "glue/sst2": ("train", "validation", "test"),
+    }.items():
+        for split in splits:
+            piece = data.tfds.data_source(
+                name, split=split, data_dir=data_dir, download=False, deserialize_method=raw
+            )
+            whole = data.tfds.data_source(
+                name,
+                split=f"{split}[:{len(piece)}]",
+                data_dir=full_dir,
+                download=False,
+                deserialize_method=raw,
+            )
+            assert len(whole) == len(piece)
+            assert piece.__getitems__(range(len(piece))) == whole.__getitems__(range(len(whole)))
 
 
 def test_sst2_train_batches(data_dir):
@@ -202,7 +290,7 @@ def test_sst2_train_batches(data_dir):
     assert set(batch["targets"].tolist()) == {0, 1}
     real = batch["inputs"] != 0
     assert (real[:, :-1] >= real[:, 1:]).all()  # padding only at the end
-    sentences = {" ".join(row["sentence"].lower().split()[:16]) for row in sst2_rows("train.tsv")}
+    sentences = {" ".join(s.lower().split()[:16]) for s in sst2_sentences(data_dir, "train[:2048]")}
     info = data.load_info(config)
     assert all(info.decode(row) in sentences for row in batch["inputs"])
 
@@ -274,8 +362,8 @@ def test_index_batches_gather_the_host_batches(dataset, data_dir):
     decode = decode or (lambda batch: batch)
 
     @jax.jit
-    def gather(stored, indices):  # as the train step does (train.loop.compile_jit)
-        return decode(loop.gather_rows(stored, indices))
+    def gather(stored, indices):  # as the train step does (train.parallel.compile_jit)
+        return decode(parallel.gather_rows(stored, indices))
 
     for index_batch in index_batches:
         on_device = jax.device_get(gather(stored, index_batch["indices"]))
@@ -401,22 +489,33 @@ def test_worker_threads_give_the_same_batches(data_dir):
 # --- Errors ---------------------------------------------------------------------------------------
 
 
-def test_missing_dataset_is_one_line_naming_the_data_dir(data_dir, tmp_path):
+def test_missing_dataset_is_one_line_naming_the_prepare_command(data_dir, tmp_path):
     empty = str(tmp_path / "nothing_here")
-    with pytest.raises(FileNotFoundError, match="TFDS_DATA_DIR") as err:
+    with pytest.raises(FileNotFoundError) as err:
         data.train_iterator(data_config(empty, "mnist"), seed=0)
-    assert empty in str(err.value) and "\n" not in str(err.value)
-    assert "download_and_prepare" in str(err.value)
+    assert str(err.value) == (
+        f"Data set 'mnist' is not prepared in data dir {empty}. Prepare it: python -m "
+        f"train.prepare mnist --data_dir={empty} (or point data.data_dir or TFDS_DATA_DIR at a "
+        f"dir that holds it)."
+    )
+    with pytest.raises(FileNotFoundError, match="python -m train.prepare glue/sst2 --data_dir="):
+        data.load_info(data_config(empty, "glue/sst2"))
 
     with pytest.raises(FileNotFoundError) as err:
         data.load_info(data_config(data_dir, "no_such_dataset"))
     assert data_dir in str(err.value) and "\n" not in str(err.value)
 
-    tfrecord_dir = str(pathlib.Path(data_dir).parent / "tensorflow_datasets")
-    if pathlib.Path(tfrecord_dir).is_dir():  # prepared, but as TFRecord: no random access
-        with pytest.raises(FileNotFoundError, match="ArrayRecord") as err:
-            data.train_iterator(data_config(tfrecord_dir, "mnist"), seed=0)
-        assert "\n" not in str(err.value)
+    # Prepared, but as TFRecord (no random access): prepare it elsewhere, not here again.
+    tfrecord = tmp_path / "tfrecord" / "mnist" / "3.0.1"
+    tfrecord.mkdir(parents=True)
+    for name in ("dataset_info.json", "features.json"):
+        text = (pathlib.Path(data_dir) / "mnist" / "3.0.1" / name).read_text()
+        (tfrecord / name).write_text(text.replace('"array_record"', '"tfrecord"'))
+    with pytest.raises(FileNotFoundError) as err:
+        data.train_iterator(data_config(str(tmp_path / "tfrecord"), "mnist"), seed=0)
+    assert "is prepared as tfrecord, not ArrayRecord" in str(err.value)
+    assert "in another dir: python -m train.prepare mnist --data_dir=DIR" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("split", ["validation", "train[:abc]"])

@@ -15,9 +15,10 @@ import flax.linen as nn
 from jaxmodels.cnn import CNN
 from jaxmodels.lstm import LSTM, LSTMCell, LSTMLayer
 from jaxmodels.mlp import MLP
+from jaxmodels.seq2seq import Seq2Seq
 from jaxmodels.transformer import SelfAttention, Transformer, TransformerBlock
 
-MODELS = {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "transformer": Transformer}
+MODELS = {"mlp": MLP, "cnn": CNN, "lstm": LSTM, "transformer": Transformer, "seq2seq": Seq2Seq}
 
 
 def build_model(name: str, **fields) -> nn.Module:
@@ -53,6 +54,7 @@ __all__ = [
     "LSTMCell",
     "LSTMLayer",
     "SelfAttention",
+    "Seq2Seq",
     "Transformer",
     "TransformerBlock",
     "build_model",

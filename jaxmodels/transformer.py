@@ -4,6 +4,19 @@ Mixed precision: parameters are always float32; `dtype` is the computation dtype
 LayerNorms and activations (the attention softmax runs in float32), and the logits are cast back
 to float32. `implementation` picks the plain layers below or their XLA:CPU forms in
 `jaxmodels.tuned` (the same parameters, the same function).
+
+Decoding (`decode=True`) keeps the keys and values of earlier positions in Flax's `"cache"`
+collection, so that each new token costs one position instead of a re-run of the whole sequence:
+
+    cache = model.apply({"params": params}, jnp.zeros((batch, length), jnp.int32), train=False,
+                        decode=True, mutable=["cache"])[1]["cache"]  # the first call creates it
+    logits, variables = model.apply({"params": params, "cache": cache}, tokens, train=False,
+                                    decode=True, mutable=["cache"])  # tokens: the next positions
+
+The creating call fixes the cache's batch size and `length` (its output is that of an ordinary
+causal pass); `train.sample.init_cache` makes it with `jax.eval_shape`, at no cost. Later calls take
+one or more new positions each (a prompt in one call, then one token at a time) and must not run
+past `length`.
 """
 
 import flax.linen as nn
@@ -13,9 +26,24 @@ import jax.numpy as jnp
 from jaxmodels import tuned
 
 
+def cache_position(module: nn.Module, length: int) -> jax.Array | int:
+    """Where `length` new positions start in decoding: `module`'s `"position"` counter in the
+    `"cache"` collection, which this advances by `length`. 0 in the call that creates the cache.
+
+    Call it from a module's compact method, with `decode=True`.
+    """
+    is_initialized = module.has_variable("cache", "position")
+    position = module.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    if not is_initialized:
+        return 0
+    start = position.value
+    position.value = start + length
+    return start
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: one q/k/v projection, `jax.nn.dot_product_attention`, one output
-    projection.
+    projection; with `decode=True`, over the keys and values cached from earlier calls too.
 
     Attributes:
       num_heads: number of heads; must divide `width`.
@@ -28,7 +56,7 @@ class SelfAttention(nn.Module):
     dtype: str = "float32"
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, *, decode: bool = False) -> jax.Array:
         """Attends every position to the positions `mask` allows.
 
         Args:
@@ -36,6 +64,8 @@ class SelfAttention(nn.Module):
           mask: None for causal attention (each position sees itself and earlier ones), else
             bool, True where a query may attend to a key, broadcastable to
             `[batch, num_heads, seq_len, seq_len]` (query axis before key axis).
+          decode: causal attention over the cache as well: `x` holds the `seq_len` positions
+            after those cached (see the module docstring). `mask` must be None.
 
         Returns:
           `[batch, seq_len, width]`.
@@ -48,10 +78,34 @@ class SelfAttention(nn.Module):
         qkv = nn.Dense(3 * self.width, dtype=dtype, name="qkv")(x)  # [batch, seq_len, 3 * width]
         qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, seq_len, heads, head_dim]
+        if decode:
+            if mask is not None:
+                raise ValueError("decode=True is causal attention; it takes no mask")
+            k, v, mask = self._with_cache(k, v)
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
         out = out.reshape(batch, seq_len, self.width)  # heads concatenated
         return nn.Dense(self.width, dtype=dtype, name="out")(out)  # [batch, seq_len, width]
+
+    def _with_cache(self, k: jax.Array, v: jax.Array):
+        """Writes the new positions' keys and values `[batch, seq_len, heads, head_dim]` into the
+        cache and returns the whole cache, `[batch, cache_len, heads, head_dim]` each, with the
+        mask `[1, 1, seq_len, cache_len]` that lets each new position see itself and what came
+        before it. The call that creates the cache returns `k`, `v` and None (causal) unchanged.
+        """
+        is_initialized = self.has_variable("cache", "key")
+        cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        start = cache_position(self, k.shape[1])
+        if not is_initialized:
+            return k, v, None
+        cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, start, axis=1)
+        cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, start, axis=1)
+        query_positions = start + jnp.arange(k.shape[1])  # [seq_len]
+        key_positions = jnp.arange(cached_k.value.shape[1])  # [cache_len]
+        # Keys after a query are masked: later new positions, and the cache's unwritten zeros.
+        mask = key_positions[None, :] <= query_positions[:, None]  # [seq_len, cache_len]
+        return cached_k.value, cached_v.value, mask[None, None]
 
 
 class TransformerBlock(nn.Module):
@@ -74,7 +128,9 @@ class TransformerBlock(nn.Module):
     implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, *, train: bool, decode: bool = False
+    ) -> jax.Array:
         """Applies the block.
 
         Args:
@@ -82,6 +138,7 @@ class TransformerBlock(nn.Module):
           mask: None for causal attention, else a bool attention mask broadcastable to
             `[batch, num_heads, seq_len, seq_len]`.
           train: enables dropout (rng stream `"dropout"`).
+          decode: causal attention over cached keys and values (`SelfAttention`).
 
         Returns:
           `[batch, seq_len, width]` in `dtype`.
@@ -89,11 +146,18 @@ class TransformerBlock(nn.Module):
         dtype = jnp.dtype(self.dtype)
         # Casting the residual stream keeps its dtype fixed, which a scan over blocks requires.
         x = x.astype(dtype)
-        attention = (
-            tuned.HeadsMajorSelfAttention if tuned.use_tuned(self.implementation) else SelfAttention
-        )
         y = nn.LayerNorm(dtype=dtype, name="attn_norm")(x)
-        y = attention(self.num_heads, self.width, self.dtype, name="attn")(y, mask)
+        if decode:  # the tuned form keeps no cache; both declare the same parameters
+            y = SelfAttention(self.num_heads, self.width, self.dtype, name="attn")(
+                y, mask, decode=True
+            )
+        else:
+            attention = (
+                tuned.HeadsMajorSelfAttention
+                if tuned.use_tuned(self.implementation)
+                else SelfAttention
+            )
+            y = attention(self.num_heads, self.width, self.dtype, name="attn")(y, mask)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
         y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, seq_len, mlp_dim]
@@ -150,17 +214,22 @@ class Transformer(nn.Module):
     implementation: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, train: bool, decode: bool = False) -> jax.Array:
         """Runs the model.
 
         Args:
           tokens: int token ids, `[batch, seq_len]` with `seq_len <= max_len`.
           train: enables dropout (rng stream `"dropout"`).
+          decode: decoder only: `tokens` are the positions after those in the `"cache"`
+            collection, which this call extends (see the module docstring). Always the plain
+            layers, whatever `implementation`.
 
         Returns:
           float32 logits: `[batch, seq_len, vocab_size]` for the decoder,
           `[batch, num_classes]` for the encoder classifier.
         """
+        if decode and not self.causal:
+            raise ValueError("decode=True needs the causal Transformer (a decoder LM)")
         if self.causal and self.num_classes:
             raise ValueError(f"causal Transformer is an LM; got num_classes={self.num_classes}")
         if not self.causal and not self.num_classes:
@@ -175,6 +244,9 @@ class Transformer(nn.Module):
             self.vocab_size, self.width, dtype=dtype, embedding_init=embed_init, name="token_embed"
         )(tokens)  # [batch, seq_len, width]
         positions = self.param("pos_embed", embed_init, (self.max_len, self.width))
+        if decode:  # `tokens` follow the positions already cached
+            start = cache_position(self, seq_len)
+            positions = jax.lax.dynamic_slice_in_dim(positions, start, seq_len)
         x = x + positions[None, :seq_len].astype(dtype)  # [batch, seq_len, width]
 
         if self.causal:
@@ -183,7 +255,7 @@ class Transformer(nn.Module):
             not_pad = tokens != 0  # [batch, seq_len]
             mask = not_pad[:, None, None, :]  # [batch, 1, 1, k]: no query attends to padding
 
-        x = self._blocks(x, mask, train)  # [batch, seq_len, width]
+        x = self._blocks(x, mask, train, decode)  # [batch, seq_len, width]
         x = nn.LayerNorm(dtype=dtype, name="final_norm")(x)  # [batch, seq_len, width]
 
         if self.causal:
@@ -196,13 +268,13 @@ class Transformer(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=dtype, name="classifier")(pooled)
         return logits.astype(jnp.float32)  # [batch, num_classes]
 
-    def _blocks(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
+    def _blocks(self, x: jax.Array, mask: jax.Array | None, train: bool, decode: bool) -> jax.Array:
         """Applies the `num_layers` blocks, unrolled or scanned, optionally rematerialised."""
 
         # nn.scan's body has the form (module, carry, *xs) -> (carry, ys): the residual stream is
         # the carry and the mask is broadcast to every layer. The unrolled loop uses it too.
         def apply_block(block: TransformerBlock, x: jax.Array, mask: jax.Array | None):
-            return block(x, mask, train=train), None
+            return block(x, mask, train=train, decode=decode), None
 
         if self.remat:
             # Only each block's input is kept for the backward pass. `prevent_cse` stops XLA
@@ -225,14 +297,16 @@ class Transformer(nn.Module):
         if self.scan_layers:
             scan_blocks = nn.scan(
                 apply_block,
-                variable_axes={"params": 0},  # every parameter gains a leading [num_layers] axis
+                # Every parameter (and, decoding, every cache entry) gains a leading
+                # [num_layers] axis.
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},  # independent init and dropout
                 in_axes=(nn.broadcast,),  # the same mask for every layer
                 length=self.num_layers,
             )
             x, _ = scan_blocks(make_block("blocks"), x, mask)
             return x
-        if tuned.use_tuned(self.implementation) and not self.is_initializing():
+        if tuned.use_tuned(self.implementation) and not self.is_initializing() and not decode:
             block = make_block(None, parent=None)  # unbound: only its fields are used
             return tuned.apply_unrolled_blocks(self, block, x, mask, train=train, remat=self.remat)
         for i in range(self.num_layers):

@@ -20,7 +20,7 @@ BAD_INPUT = {
     ),
     "unknown model": (
         [TINY, "--config.model.name=resnet"],
-        "Unknown model 'resnet'. Known: ['cnn', 'lstm', 'mlp', 'transformer']",
+        "Unknown model 'resnet'. Known: ['cnn', 'lstm', 'mlp', 'seq2seq', 'transformer']",
     ),
     "unknown model field": (
         ["--config=configs/cnn.py:tiny", "--config.model.hidden_sizes=(3,)"],

@@ -32,11 +32,18 @@ SMALL_FIELDS = {
     "transformer": dict(
         vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12, **STANDARD
     ),
+    "seq2seq": dict(vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12),
 }
 # Variants beyond SMALL_FIELDS: an LSTM over float features and the Transformer encoder classifier.
 FEATURE_LSTM_FIELDS = dict(num_layers=1, hidden_size=8, num_outputs=4, **STANDARD)
 ENCODER_FIELDS = dict(SMALL_FIELDS["transformer"], causal=False, num_classes=3)
-EXPECTED_SHAPES = {"mlp": (2, 3), "cnn": (2, 3), "lstm": (2, 3), "transformer": (2, 7, 16)}
+EXPECTED_SHAPES = {
+    "mlp": (2, 3),
+    "cnn": (2, 3),
+    "lstm": (2, 3),
+    "transformer": (2, 7, 16),
+    "seq2seq": (2, 5, 16),  # logits of the 5 decoder positions (tests/test_seq2seq.py: the rest)
+}
 
 
 def key(seed: int) -> jax.Array:
@@ -59,8 +66,11 @@ def random_tokens(seed: int, shape: tuple[int, ...], vocab_size: int) -> jax.Arr
     return jnp.asarray(np.random.default_rng(seed).integers(1, vocab_size, size=shape), jnp.int32)
 
 
-def example_input(name: str) -> jax.Array:
-    """A batch of 2 inputs that fits `SMALL_FIELDS[name]`."""
+def example_input(name: str) -> jax.Array | tuple[jax.Array, ...]:
+    """A batch of 2 inputs that fits `SMALL_FIELDS[name]`: a tuple for a model of several inputs
+    (`as_args` unpacks it)."""
+    if name == "seq2seq":  # source ids, decoder input ids
+        return random_tokens(1, (2, 7), vocab_size=16), random_tokens(2, (2, 5), vocab_size=16)
     if name == "mlp":
         return random_normal(1, (2, 4, 5))  # flattened to 20 features
     if name == "cnn":
@@ -70,18 +80,24 @@ def example_input(name: str) -> jax.Array:
     )  # fits both vocabularies (lstm 20, transformer 16)
 
 
+def as_args(x) -> tuple:
+    """A model's positional inputs: the tuple `example_input` gives, or one array."""
+    return x if isinstance(x, tuple) else (x,)
+
+
 def init_params(model: nn.Module, x: jax.Array) -> dict:
-    return jax.jit(model.init, static_argnames="train")(key(0), x, train=False)["params"]
+    return jax.jit(model.init, static_argnames="train")(key(0), *as_args(x), train=False)["params"]
 
 
 def count_params(model: nn.Module, x: jax.Array) -> int:
     # eval_shape traces init without computing anything: counts cost no compile.
-    shapes = jax.eval_shape(lambda: model.init(key(0), x, train=False))["params"]
+    shapes = jax.eval_shape(lambda: model.init(key(0), *as_args(x), train=False))["params"]
     return sum(leaf.size for leaf in jax.tree.leaves(shapes))
 
 
 def apply_fn(model: nn.Module) -> Callable[..., jax.Array]:
-    return jax.jit(model.apply, static_argnames="train")
+    apply = jax.jit(model.apply, static_argnames="train")
+    return lambda variables, x, **kwargs: apply(variables, *as_args(x), **kwargs)
 
 
 class Built(NamedTuple):
@@ -359,7 +375,7 @@ def test_bfloat16_computation(name, small):
     params = base.variables["params"]
 
     # The same float32 parameters: same tree, shapes (so the same count) and dtype as float32.
-    shapes = jax.eval_shape(lambda: model.init(key(0), x, train=False))["params"]
+    shapes = jax.eval_shape(lambda: model.init(key(0), *as_args(x), train=False))["params"]
     assert jax.tree.map(lambda p: (p.shape, p.dtype), shapes) == jax.tree.map(
         lambda p: (p.shape, jnp.dtype(jnp.float32)), params
     )
@@ -376,7 +392,7 @@ def test_bfloat16_computation(name, small):
     # but for the gradient of attention's scores: jax.nn.dot_product_attention keeps the scores
     # in float32, so their gradient reaches q and k in float32.
     def loss(params):
-        return model.apply({"params": params}, x, train=False).sum()
+        return model.apply({"params": params}, *as_args(x), train=False).sum()
 
     def operand_dtypes(function) -> set[str]:
         jaxpr = jax.make_jaxpr(function)(params).jaxpr
@@ -388,7 +404,7 @@ def test_bfloat16_computation(name, small):
         }
 
     assert operand_dtypes(loss) == {"bfloat16"}
-    if name != "transformer":
+    if name not in ("transformer", "seq2seq"):  # both attend with dot_product_attention
         assert operand_dtypes(jax.grad(loss)) == {"bfloat16"}
 
 

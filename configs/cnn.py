@@ -6,6 +6,7 @@ Usage:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -23,7 +24,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "mnist"
-    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets (and the package's own tiny_shakespeare).
+    config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.batch_size = 128  # global: split over all devices and hosts
@@ -57,6 +59,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
     config.train.reuse_host_memory = True  # command line, CPU: see train/process.py
     config.train.cpu_devices = 0  # command line, CPU: see train/process.py
+    config.train.profile_steps = 0  # >0: a JAX profiler trace of that many steps, WORKDIR/profile
+    config.train.profile_first_step = 10  # the first step traced (after the compile of step 1)
     config.train.sample_lines = 0  # language models only: text lines sampled at the end
     config.train.sample_length = 0
     config.train.sample_temperature = 1.0

@@ -9,6 +9,7 @@ TPU raise `model.width`, `model.num_layers`, `data.seq_len` and `data.batch_size
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -35,7 +36,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "tiny_shakespeare"
-    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets (and the package's own tiny_shakespeare).
+    config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.batch_size = 32  # global: split over all devices and hosts
@@ -71,6 +73,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
     config.train.reuse_host_memory = True  # command line, CPU: see train/process.py
     config.train.cpu_devices = 2  # command line, CPU: see train/process.py
+    config.train.profile_steps = 0  # >0: a JAX profiler trace of that many steps, WORKDIR/profile
+    config.train.profile_first_step = 10  # the first step traced (after the compile of step 1)
     config.train.sample_lines = 4  # text samples written to the log and workdir at the end
     config.train.sample_length = 200  # characters per sample
     config.train.sample_temperature = 0.8

@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -140,4 +141,10 @@ def error_line(error: BaseException) -> str:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs of `tree`'s arrays with their shardings: the target of a restore, so
     a checkpoint comes back laid out as this run wants it, whatever wrote it."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+    def abstract(x):
+        if isinstance(x, np.ndarray | np.generic):  # host values come back as host values
+            return np.zeros_like(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+    return jax.tree.map(abstract, tree)

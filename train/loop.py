@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import pathlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +28,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, metrics, optim, parallel, sample
+from train import checkpoint, data, metrics, optim, parallel, sample, steps, translation
 from train.parallel import Compiled
-from train.state import TrainState, create_train_state, example_inputs
+from train.state import TrainState, as_tuple, create_train_state, example_inputs
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a jax.monitoring event
 # The intervals (fields of config.train) at which the loop must see the state between calls.
@@ -90,24 +97,29 @@ def train_and_evaluate(
     )()
     state, shardings = init_state(config, mesh, init_rng, model=model)
     check_model_fits_data(config, state, info)
-    if is_chief:  # only once model and data are known to be good, so bad input leaves no trace
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_config(config, workdir)
-
-    # Restore: the newest readable checkpoint, the data iterator's position included. With
-    # data.on_device the training split lives in device memory and the host sends indices.
-    on_device = config.data.on_device and config.train.parallelism == "jit"
-    manager = checkpoint.make_manager(workdir / "checkpoints", keep=config.train.checkpoint_keep)
-    had_checkpoints = bool(manager.all_steps())
-    train_iter = new_train_iterator(config, on_device)
-    start_step, state, step_rng = restore_run(manager, state, step_rng, train_iter)
-    if had_checkpoints and start_step == 0:
-        train_iter = new_train_iterator(config, on_device)  # a failed restore may have moved it
-
-    # Step: log, evaluate and save on schedule until the last step or a stop signal.
-    compiled = compile_steps(config, mesh, shardings, on_device, per_call)
-    writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
+    # Only once model and data are known to be good, so bad input leaves no trace; a second run
+    # on the same workdir stops here.
+    lock = WorkdirLock(workdir) if is_chief else None
+    manager = writer = None
     try:
+        if is_chief:
+            write_config(config, workdir)
+
+        # Restore: the newest readable checkpoint, the data iterator's position included. With
+        # data.on_device the training split lives in device memory and the host sends indices.
+        on_device = config.data.on_device and config.train.parallelism == "jit"
+        manager = checkpoint.make_manager(
+            workdir / "checkpoints", keep=config.train.checkpoint_keep
+        )
+        had_checkpoints = bool(manager.all_steps())
+        train_iter = new_train_iterator(config, on_device)
+        start_step, state, step_rng, window = restore_run(manager, state, step_rng, train_iter)
+        if had_checkpoints and start_step == 0:
+            train_iter = new_train_iterator(config, on_device)  # a failed restore moved it
+
+        # Step: log, evaluate and save on schedule until the last step or a stop signal.
+        compiled = compile_steps(config, mesh, shardings, on_device, per_call)
+        writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
         with stop_signals() as received:
             state, scalars, last_step = run_steps(
                 config,
@@ -119,6 +131,8 @@ def train_and_evaluate(
                 writer,
                 start_step,
                 lambda: stop_requested(received),
+                window=window,
+                profile_dir=workdir / "profile",
             )
         if last_step < config.train.num_steps:
             manager.wait_until_finished()
@@ -134,14 +148,20 @@ def train_and_evaluate(
             logging.info("%s already holds a finished run of %d steps.", workdir, last_step)
             scalars = evaluate(compiled, compiled.to_run(state), config)
     finally:
-        manager.wait_until_finished()  # a save in flight must reach the disk, even on an error
-        manager.close()
-        if writer:
+        if manager is not None:
+            manager.wait_until_finished()  # a save in flight must reach the disk, even on error
+            manager.close()
+        if writer is not None:
             writer.close()
+        if lock is not None:
+            lock.release()
 
-    # Sample: a language model writes a few texts to the log and samples.txt.
+    # Sample: a language model writes a few texts to the log and samples.txt, an encoder-decoder
+    # a few translations of held-out sources.
     if info.is_language_model and config.train.sample_lines > 0:
         write_samples(config, state, info, sample_rng, workdir)
+    if isinstance(info, translation.Seq2SeqInfo) and config.train.sample_lines > 0:
+        write_translations(config, state, info, sample_rng, workdir)
     return state, scalars
 
 
@@ -192,10 +212,29 @@ def _is_count(value: Any) -> bool:
 
 def check_model_fits_data(config: ml_collections.ConfigDict, state: TrainState, info) -> None:
     """One-line errors for a model whose outputs cannot cover the data's classes or vocabulary."""
+    translation_data = isinstance(info, translation.Seq2SeqInfo)
+    if translation_data and config.model.name != "seq2seq":
+        raise ValueError(
+            f"{config.data.dataset} is a translation-style data set (pairs of sequences); train "
+            "it with model.name='seq2seq', as configs/seq2seq.py does."
+        )
+    if config.model.name == "seq2seq" and not translation_data:
+        seq2seq_sets = sorted(k for k, kind in data.DATASETS.items() if kind == "seq2seq")
+        raise ValueError(
+            f"model.name='seq2seq' needs a translation-style data set, one of {seq2seq_sets}; "
+            f"got data.dataset={config.data.dataset!r}."
+        )
     logits = jax.eval_shape(
-        lambda p: state.apply_fn({"params": p}, example_inputs(config), train=False), state.params
+        lambda p: state.apply_fn({"params": p}, *as_tuple(example_inputs(config)), train=False),
+        state.params,
     )
-    if info.is_language_model:
+    if translation_data:
+        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
+            raise ValueError(
+                f"{config.data.dataset} has {info.vocab_size} token ids, but the model's logits "
+                f"have shape {logits.shape}; set model.vocab_size >= {info.vocab_size}."
+            )
+    elif info.is_language_model:
         if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
             raise ValueError(
                 f"{config.data.dataset} is a language-model data set of {info.vocab_size} tokens, "
@@ -234,43 +273,136 @@ def init_state(
     return jax.tree.unflatten(jax.tree.structure(abstract), leaves), shardings
 
 
+class WorkdirLock:
+    """An exclusive lock on `workdir` for one run, held until `release()`.
+
+    An `fcntl.flock` on `workdir/.lock`, which the kernel drops when the process ends however it
+    ends, so a killed run never leaves it stuck; the file names the holder for the next run's
+    message. Creating it is also the first write to the workdir: one line if that fails. (Where
+    `fcntl` is missing, Windows, runs are not locked.)
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        self.file = None
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            file = (workdir / ".lock").open("a+")
+        except OSError as error:
+            raise ValueError(
+                f"Cannot write to workdir {workdir} ({error.strerror}); pass a --workdir you can "
+                "write to."
+            ) from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.seek(0)
+                holder = file.read().strip() or "another process"
+                file.close()
+                raise ValueError(
+                    f"{workdir} is in use by another run ({holder}); wait for it to finish or "
+                    "pass another --workdir."
+                ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            if fcntl is not None:
+                fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Writes config.json; refuses a workdir that holds a run of a different model."""
+    """Writes config.json; refuses a workdir that holds a run of a different model.
+
+    An unreadable config.json (empty, cut short by a kill) is rewritten from this run's config:
+    the checkpoints still refuse another model's parameters.
+    """
     path = workdir / "config.json"
     if path.exists():
-        previous = json.loads(path.read_text())
-        if previous["model"]["name"] != config.model.name:
+        try:
+            previous = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            logging.warning(
+                "%s was unreadable (%s); rewriting it from this run's config.", path, error
+            )
+            previous = None
+        if previous is not None and previous["model"]["name"] != config.model.name:
             raise ValueError(
                 f"{workdir} holds a run of model {previous['model']['name']!r}, not "
                 f"{config.model.name!r}; pass a different --workdir."
             )
-    path.write_text(config.to_json_best_effort(indent=2) + "\n")
+    # Written whole, then renamed over the old one: a kill never leaves half a file.
+    partial = path.with_name("config.json.partial")
+    partial.write_text(config.to_json_best_effort(indent=2) + "\n")
+    partial.replace(path)
 
 
 def restore_run(manager, state: TrainState, rng: jax.Array, train_iter):
     """Restores the newest readable checkpoint onto this run's shapes and shardings.
 
-    Returns (start step, state, base key); (0, state, rng) unchanged if there is no checkpoint.
-    `train_iter` is moved to the checkpoint's position in place.
+    Returns (start step, state, base key, unreported window); (0, state, rng, a new window) if
+    there is no checkpoint. `train_iter` is moved to the checkpoint's position in place.
     """
-    target = checkpoint.abstract_like(saved_form(state, rng))
+    target = checkpoint.abstract_like(saved_form(state, rng, ReportWindow.new(0)))
     restored = checkpoint.restore_newest(manager, target, train_iter)
     if restored is None:
-        return 0, state, rng
+        return 0, state, rng, ReportWindow.new(0)
     step, saved = restored
     state = state.replace(step=saved["step"], params=saved["params"], opt_state=saved["opt_state"])
     logging.info("Resumed from checkpoint step %d in %s.", step, manager.directory)
-    return step, state, jax.random.wrap_key_data(saved["rng"])
+    window = ReportWindow.from_saved(saved["report"])
+    return step, state, jax.random.wrap_key_data(saved["rng"]), window
 
 
-def saved_form(state: TrainState, rng: jax.Array) -> dict[str, Any]:
-    """What a checkpoint holds: the state's arrays and the run's base key."""
+def saved_form(state: TrainState, rng: jax.Array, window: ReportWindow) -> dict[str, Any]:
+    """What a checkpoint holds: the state's arrays, the run's base key, and the metric sums of
+    the steps since the last report, so that a resumed run's next report covers the same steps
+    as an uninterrupted run's."""
     return {
         "step": state.step,
         "params": state.params,
         "opt_state": state.opt_state,
         "rng": jax.random.key_data(rng),
+        "report": window.saved(),
     }
+
+
+class ReportWindow:
+    """The steps since the last report: their metric sums (on device until a report) and the
+    first step's number."""
+
+    def __init__(self, sums: dict[str, Any] | None, first_step: int):
+        self.sums, self.first_step = sums, first_step
+        self.started = time.perf_counter()  # for steps/s: the steps this process ran
+        self.steps_run = 0
+
+    @classmethod
+    def new(cls, last_reported_step: int) -> ReportWindow:
+        return cls(None, last_reported_step + 1)
+
+    def add(self, step_sums: dict[str, Any], num_steps: int) -> None:
+        self.sums = metrics.accumulate(self.sums, step_sums)
+        self.steps_run += num_steps
+
+    def steps_per_second(self) -> float:
+        return self.steps_run / max(time.perf_counter() - self.started, 1e-9)
+
+    def saved(self) -> dict[str, np.ndarray]:
+        """Host arrays: the sums (zeros before the first step) and the first step."""
+        sums = jax.device_get(self.sums) if self.sums is not None else {}
+        saved = {name: np.float32(sums.get(name, 0.0)) for name in steps.TRAIN_SUMS}
+        return {"sums": saved, "first_step": np.int64(self.first_step)}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> ReportWindow:
+        sums = {name: np.asarray(value, np.float32) for name, value in saved["sums"].items()}
+        return cls(sums if float(sums["count"]) > 0 else None, int(saved["first_step"]))
 
 
 def new_train_iterator(config: ml_collections.ConfigDict, indices_only: bool):
@@ -316,14 +448,27 @@ def compile_steps(
 
 
 def run_steps(
-    config, compiled, state, train_iter, step_rng, manager, writer, start_step, should_stop
+    config,
+    compiled,
+    state,
+    train_iter,
+    step_rng,
+    manager,
+    writer,
+    start_step,
+    should_stop,
+    window: ReportWindow | None = None,
+    profile_dir: pathlib.Path | None = None,
 ) -> tuple[TrainState, dict[str, float], int]:
     """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
 
     Returns (state, scalars of the last report, the last step run). Stops early, with a
     checkpoint, once `should_stop()` is true (checked after every call: every step, or every
-    `train.steps_per_call` steps).
+    `train.steps_per_call` steps). With `train.profile_steps` > 0, steps
+    `train.profile_first_step` onwards are recorded by JAX's profiler into `profile_dir`.
     """
+    trace = StepTrace(config.train, profile_dir)
+    window = ReportWindow.new(start_step) if window is None else window
     _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
     num_steps = config.train.num_steps
     run_state = compiled.to_run(state)
@@ -336,7 +481,6 @@ def run_steps(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    sums, window_start, window_time = None, start_step + 1, time.perf_counter()
     while step < num_steps:
         count = steps_in_call(step, config.train) if compiled.train_steps else 1
         if count == 1:
@@ -344,37 +488,74 @@ def run_steps(
         else:
             batches = stack([next(train_iter) for _ in range(count)])
             train, batch = compiled.train_steps, compiled.put_batches(batches)
+        trace.before(step + 1)
         if step == start_step:
             run_state, step_sums = timed_first_step(train, run_state, batch, step_rng, count)
         else:
             run_state, step_sums = train(run_state, batch, step_rng)
-        sums = metrics.accumulate(sums, step_sums)  # stays on device until a report
+        trace.after(step + count, step_sums)
+        window.add(step_sums, count)  # stays on device until a report
         step += count
         progress.update(count)
 
         is_last = step == num_steps
         stop = should_stop()
-        should_save = step % config.train.checkpoint_every == 0 or is_last or stop
-        # A checkpoint step always reports first, so a non-finite loss is caught before it is saved.
-        if step % config.train.log_every == 0 or should_save:
-            scalars = metrics.summarize(sums, "train")
-            metrics.check_finite(scalars, window_start, step)
-            elapsed = time.perf_counter() - window_time
-            scalars["train/steps_per_second"] = (step - window_start + 1) / max(elapsed, 1e-9)
+        # Reports fall on step numbers alone (log and checkpoint steps, the last step), so a run
+        # stopped and resumed reports the same steps as one that never stopped; a stop saves the
+        # unreported sums instead. Either way the sums are checked before a checkpoint is written.
+        is_checkpoint_step = step % config.train.checkpoint_every == 0 or is_last
+        if step % config.train.log_every == 0 or is_checkpoint_step:
+            scalars = metrics.summarize(window.sums, "train")
+            metrics.check_finite(scalars, window.first_step, step)
+            scalars["train/steps_per_second"] = window.steps_per_second()
             scalars["train/learning_rate"] = float(schedule(step - 1))
             if step % config.train.eval_every == 0 or is_last:
                 scalars.update(evaluate(compiled, run_state, config))
             if writer:
                 writer.write(step, scalars)
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-            sums, window_start, window_time = None, step + 1, time.perf_counter()
-        if should_save:
-            saved_state = compiled.from_run(run_state)
-            checkpoint.save(manager, step, saved_form(saved_state, step_rng), train_iter)
+            window = ReportWindow.new(step)
+        elif stop:
+            metrics.check_finite(metrics.summarize(window.sums, "train"), window.first_step, step)
+        if is_checkpoint_step or stop:
+            saved = saved_form(compiled.from_run(run_state), step_rng, window)
+            checkpoint.save(manager, step, saved, train_iter)
         if stop:
             break
+    trace.close()
     progress.close()
     return compiled.from_run(run_state), scalars, step
+
+
+class StepTrace:
+    """A JAX profiler trace of `train.profile_steps` steps from `train.profile_first_step` on.
+
+    The trace (an `.xplane.pb` under `directory/plugins/profile/<time>/`) opens in XProf or in
+    TensorBoard's profile plugin: `tensorboard --logdir WORKDIR/profile`. Steps are numbered from
+    1; pick a first step after the compile of step 1. Calls of several steps are recorded whole.
+    """
+
+    def __init__(self, train_config: ml_collections.ConfigDict, directory: pathlib.Path | None):
+        self.first, self.count = train_config.profile_first_step, train_config.profile_steps
+        self.directory, self.active = directory, False
+
+    def before(self, step: int) -> None:
+        """Starts the trace if `step` (about to run) is the first one to record."""
+        if self.count > 0 and self.directory is not None and step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        """Stops the trace once `step` (just dispatched) is the last one to record."""
+        if self.active and step >= self.first + self.count - 1:
+            jax.block_until_ready(outputs)  # the steps' device work belongs in the trace
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("Profiler trace of the steps from %d in %s.", self.first, self.directory)
 
 
 def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:
@@ -446,12 +627,17 @@ def evaluate(
 def write_samples(
     config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
 ) -> list[str]:
-    """Samples `train.sample_lines` texts from a language model; logs and writes samples.txt."""
+    """Samples `train.sample_lines` texts from a language model; logs and writes samples.txt.
+
+    A model that decodes with a key/value cache (the Transformer decoder) does; others re-run
+    their window for every token.
+    """
     num_lines = config.train.sample_lines
     prompt = jnp.asarray(np.tile(info.encode("\n")[:1], (num_lines, 1)), jnp.int32)
+    cached = sample.uses_cache(state.apply_fn)
     draw = jax.jit(
         functools.partial(
-            sample.sample_tokens,
+            sample.sample_tokens_cached if cached else sample.sample_tokens,
             state.apply_fn,
             length=config.train.sample_length,
             context=config.data.seq_len,
@@ -466,6 +652,35 @@ def write_samples(
         for text in texts:
             logging.info("Sample:\n%s", text)
     return texts
+
+
+def write_translations(
+    config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
+) -> list[str]:
+    """Translates the first `train.sample_lines` sources of the eval split with the cached
+    decoder; logs and writes samples.txt, a line `source -> output (target: target)` each."""
+    batch = next(data.eval_batches(config.data))
+    num_lines = min(config.train.sample_lines, len(batch["inputs"]))
+    draw = jax.jit(
+        functools.partial(
+            sample.translate,
+            state.apply_fn,
+            length=config.data.seq_len,
+            bos_id=translation.BOS_ID,
+            eos_id=translation.EOS_ID,
+            temperature=config.train.sample_temperature,
+        )
+    )
+    sources, targets = batch["inputs"][:num_lines], batch["targets"][:num_lines]
+    outputs = np.asarray(jax.device_get(draw(state.params, jnp.asarray(sources), rng)))
+    lines = [
+        f"{info.decode(source)} -> {info.decode(output)} (target: {info.decode(target)})"
+        for source, output, target in zip(sources, outputs, targets, strict=True)
+    ]
+    if jax.process_index() == 0:
+        (workdir / "samples.txt").write_text("".join(line + "\n" for line in lines))
+        logging.info("Translations:\n%s", "\n".join(lines))
+    return lines
 
 
 @contextlib.contextmanager

@@ -3,10 +3,13 @@
 import json
 import math
 import pathlib
+import struct
 from typing import Any
 
 import jax
+from absl import logging
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 Metrics = dict[str, Any]
 
@@ -28,13 +31,20 @@ def accumulate(total: Metrics | None, sums: Metrics) -> Metrics:
 
 
 def summarize(sums: Metrics, prefix: str) -> dict[str, float]:
-    """Pulls sums to the host once and returns averages: `{prefix}/loss`, `{prefix}/accuracy`."""
+    """Pulls sums to the host once and returns averages: `{prefix}/loss`, `{prefix}/accuracy`
+    and, for an encoder-decoder's evaluation, `{prefix}/greedy_token_accuracy` and
+    `{prefix}/sequence_accuracy`."""
     host = jax.device_get(sums)
     count = max(float(host["count"]), 1e-12)
-    return {
+    scalars = {
         f"{prefix}/loss": float(host["loss_sum"]) / count,
         f"{prefix}/accuracy": float(host["correct_sum"]) / count,
     }
+    if "sequence_count" in host:  # an encoder-decoder's greedy decoding (train.steps.greedy_sums)
+        scalars[f"{prefix}/greedy_token_accuracy"] = float(host["greedy_correct_sum"]) / count
+        sequences = max(float(host["sequence_count"]), 1e-12)
+        scalars[f"{prefix}/sequence_accuracy"] = float(host["sequence_correct_sum"]) / sequences
+    return scalars
 
 
 def check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
@@ -50,13 +60,14 @@ def check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> 
 class MetricWriter:
     """Appends one JSON line per report to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    Only process 0 should create one. On resume, lines past the restored step are dropped, since
-    those steps are about to run again.
+    Only process 0 should create one. On resume, reports past the restored step are dropped from
+    both, since those steps are about to run again, and so is a line a killed run left half-written.
     """
 
     def __init__(self, workdir: pathlib.Path, resume_step: int):
         self.path = workdir / "metrics.jsonl"
         truncate_after(self.path, resume_step)
+        trim_events(workdir / "tensorboard", resume_step)
         self._file = self.path.open("a")
         self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -65,6 +76,7 @@ class MetricWriter:
         self._file.flush()
         for name, value in scalars.items():
             self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -72,13 +84,55 @@ class MetricWriter:
 
 
 def truncate_after(path: pathlib.Path, step: int) -> None:
-    """Drops the lines of a metrics.jsonl whose step is greater than `step`."""
+    """Drops the lines of a metrics.jsonl whose step is greater than `step`, and a last line that
+    a killed run left half-written. A broken line before the last is a one-line ValueError."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the write a kill cut short: the step will run again
+                logging.warning("Dropped a half-written last line of %s.", path)
+                continue
+            raise ValueError(
+                f"Line {number} of {path} is not JSON ({line[:40]!r}); delete or fix that line, "
+                "then resume."
+            ) from None
+        if report["step"] <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def trim_events(directory: pathlib.Path, step: int) -> None:
+    """Drops the TensorBoard events of steps after `step` (and a record a kill cut short) from the
+    event files in `directory`, as `truncate_after` does for metrics.jsonl.
+
+    Event files are TFRecord files: each record is an 8-byte length, its 4-byte checksum, the
+    serialized `Event` and its 4-byte checksum; kept records are copied byte for byte.
+    """
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        kept, position = [], 0
+        while position + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[position : position + 8])
+            end = position + 12 + length + 4
+            if end > len(data):
+                break  # a record cut short
+            event = event_pb2.Event.FromString(data[position + 12 : end - 4])
+            if event.step <= step:
+                kept.append(data[position:end])
+            position = end
+        trimmed = b"".join(kept)
+        if trimmed != data:
+            path.write_bytes(trimmed)
 
 
 def read_metrics(path: pathlib.Path | str) -> list[dict[str, float]]:

@@ -1,0 +1,165 @@
+"""Chaos check: a run killed with SIGKILL at random moments ends exactly as an uninterrupted one.
+
+    python benchmarks/chaos.py --config=configs/transformer.py:tiny --kills=20
+
+Trains the config once without interruption, then again in another workdir while killing the
+process with SIGKILL `--kills` times (restarting it with the same command each time), and compares
+the two: the final parameters bitwise, and metrics.jsonl row for row (every value but the
+timing, `train/steps_per_second`). Each kill lands at one of three kinds of moment, drawn in turn:
+a random time after the start, just as a checkpoint starts to be written (orbax's temporary
+folder appears), or just after a report was appended to metrics.jsonl. Prints what differed, if
+anything, and one JSON line with the counts; exits 1 if anything differed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMING = ("train/steps_per_second",)  # values no two runs share
+MOMENTS = ("random", "checkpoint", "report")
+
+
+def command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def run_to_end(arguments: list[str], log) -> None:
+    result = subprocess.run(arguments, cwd=REPO, stdout=log, stderr=log, timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"chaos: {' '.join(arguments)} failed with status {result.returncode}")
+
+
+def wait_for(moment: str, workdir: pathlib.Path, process: subprocess.Popen, delay: float) -> bool:
+    """Waits until `moment` in the run in `workdir`; False if the process ended first."""
+    checkpoints, report_file = workdir / "checkpoints", workdir / "metrics.jsonl"
+
+    def checkpoint_tmp() -> bool:
+        return checkpoints.is_dir() and any("tmp" in p.name for p in checkpoints.iterdir())
+
+    def report_count() -> int:
+        return len(report_file.read_bytes().splitlines()) if report_file.exists() else 0
+
+    start, reports = time.monotonic(), report_count()
+    while process.poll() is None:
+        if moment == "random" and time.monotonic() - start >= delay:
+            return True
+        if moment == "checkpoint" and time.monotonic() - start >= delay and checkpoint_tmp():
+            return True
+        if moment == "report" and report_count() > reports:
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def kill_and_restart(
+    arguments: list[str], workdir: pathlib.Path, kills: int, seed: int, log
+) -> list[str]:
+    """Runs `arguments` to the end, SIGKILLing it `kills` times; returns the moments hit."""
+    rng = random.Random(seed)
+    hit = []
+    while len(hit) < kills:
+        moment = MOMENTS[len(hit) % len(MOMENTS)]
+        process = subprocess.Popen(arguments, cwd=REPO, stdout=log, stderr=log)
+        # Most of a restart is start-up and compiling; a random delay spreads the kills over it.
+        if wait_for(moment, workdir, process, delay=rng.uniform(0.5, 8.0)):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            hit.append(moment)
+            print(f"chaos: kill {len(hit)}/{kills} at a {moment} moment", file=sys.stderr)
+        else:  # it finished before the moment came: start over from scratch for the next kill
+            if process.returncode != 0:
+                raise SystemExit(f"chaos: the run failed with status {process.returncode}")
+            print(
+                "chaos: the run finished first; rerunning it from an empty workdir", file=sys.stderr
+            )
+            subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    run_to_end(arguments, log)
+    return hit
+
+
+def final_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    """The newest checkpoint's parameters, flattened to {path: array}."""
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    restored = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(steps[-1]) / "state")
+    flat = {}
+
+    def visit(prefix: str, tree) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                visit(f"{prefix}/{key}", value)
+        else:
+            flat[prefix] = np.asarray(tree)
+
+    visit("", restored["params"])
+    return flat
+
+
+def differences(reference: pathlib.Path, other: pathlib.Path) -> list[str]:
+    """What differs between two finished runs: parameters bitwise, reports but for timing."""
+    found = []
+    want, got = final_params(reference), final_params(other)
+    for name in sorted(want.keys() | got.keys()):
+        if name not in want or name not in got or not np.array_equal(want[name], got[name]):
+            found.append(f"parameter {name} differs")
+    rows = [
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        for run in (reference, other)
+    ]
+    if [r["step"] for r in rows[0]] != [r["step"] for r in rows[1]]:
+        found.append(
+            f"metrics.jsonl steps differ: {[r['step'] for r in rows[0]]} against "
+            f"{[r['step'] for r in rows[1]]}"
+        )
+    for a, b in zip(*rows, strict=False):
+        for key in sorted((a.keys() | b.keys()) - set(TIMING)):
+            if a.get(key) != b.get(key):
+                found.append(f"step {a['step']}: {key} {a.get(key)!r} against {b.get(key)!r}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/transformer.py:tiny")
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="runs/chaos")
+    # Anything else (--config.FIELD=VALUE) is passed to both runs.
+    args, overrides = parser.parse_known_args(argv)
+    workdir = pathlib.Path(args.workdir).absolute()
+    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    workdir.mkdir(parents=True)
+    start = time.monotonic()
+    with open(workdir / "chaos.log", "w") as log:
+        run_to_end(command(args.config, workdir / "reference", overrides), log)
+        arguments = command(args.config, workdir / "killed", overrides)
+        hit = kill_and_restart(arguments, workdir / "killed", args.kills, args.seed, log)
+    found = differences(workdir / "reference", workdir / "killed")
+    for line in found:
+        print(line)
+    summary = {
+        "config": args.config,
+        "kills": len(hit),
+        "moments": {moment: hit.count(moment) for moment in MOMENTS},
+        "differences": len(found),
+        "wall_s": round(time.monotonic() - start, 1),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+    }
+    print(json.dumps(summary))
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

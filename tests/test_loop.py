@@ -200,3 +200,16 @@ def test_command_line_runs_with_overrides_on_one_and_two_cpu_devices(tmp_path):
     for key in ("train/loss", "eval/loss"):
         a, b = [r[key] for r in reports if key in r], [r[key] for r in two if key in r]
         np.testing.assert_allclose(b, a, rtol=1e-5)
+
+
+def test_a_profiled_run_leaves_a_trace_in_its_workdir(tmp_path):
+    config = load_config(CONFIGS / "mlp.py:tiny")
+    config.train.update(num_steps=6, log_every=3, eval_every=6, checkpoint_every=6)
+    config.train.update(steps_per_call=1, profile_steps=2, profile_first_step=3)
+    loop.train_and_evaluate(config, tmp_path)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    # Off by default: no trace.
+    config.train.profile_steps = 0
+    loop.train_and_evaluate(config, tmp_path / "off")
+    assert not (tmp_path / "off" / "profile").exists()

@@ -5,6 +5,7 @@ Three data sets, one kind of batch each (keys `inputs`, `targets`, `weights`):
     mnist             inputs float32 [b, 28, 28, 1], in [0, 1]  targets int32 [b]
     tiny_shakespeare  inputs int32 [b, seq_len] character ids   targets int32 [b, seq_len]
     glue/sst2         inputs int32 [b, seq_len] word ids        targets int32 [b], 0 or 1
+    addition, ...     translation-style pairs, with `decoder_inputs` too (train/translation.py)
 
 `weights` (float32) has the shape of `targets`. `b` is this process's share of the global
 `data.batch_size`. Nothing here imports TensorFlow: tfds reads the ArrayRecord files with numpy (and
@@ -51,10 +52,18 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tensorflow_datasets.proto import tf_example_pb2
 
+from train import translation
+
 Batch = dict[str, np.ndarray]
 
 # One table: the data sets this pipeline knows, and how their examples become batches.
-DATASETS = {"mnist": "image", "tiny_shakespeare": "characters", "glue/sst2": "words"}
+DATASETS = {
+    "mnist": "image",
+    "tiny_shakespeare": "characters",
+    "glue/sst2": "words",
+    "addition": "seq2seq",  # generated, no files (train/translation.py)
+    "ted_hrlr_translate/pt_to_en": "seq2seq",
+}
 PAD_ID, UNK_ID = 0, 1  # word vocabularies only; the character vocabulary has neither
 # Vocabularies come from the whole train split, whatever data.train_split: one vocabulary per
 # data set, shared by every config that trains on it.
@@ -201,7 +210,8 @@ def train_iterator(
         if indices_only:
             return {"indices": indices.astype(np.int32)}
         batch = {k: np.take(v, indices, axis=0) for k, v in examples.items()}
-        batch["weights"] = np.ones(batch["targets"].shape, np.float32)
+        if "weights" not in batch:
+            batch["weights"] = np.ones(batch["targets"].shape, np.float32)
         return batch
 
     if indices_only:  # a few microseconds a batch: no read-ahead threads needed
@@ -252,6 +262,8 @@ def train_examples(data_config: ml_collections.ConfigDict) -> Batch:
         data_config.vocab_size,
         training=True,
     )
+    if "decoder_inputs" in examples:  # seq2seq: padded targets, whose weights are not all ones
+        return dict(examples)
     return {"inputs": examples["inputs"], "targets": examples["targets"]}
 
 
@@ -386,7 +398,7 @@ def _source(dataset: str, data_dir: str, split: str, **kwargs) -> Sequence:
 
 
 def _kind(dataset: str, data_dir: str) -> str:
-    """'image', 'characters' or 'words' (see DATASETS)."""
+    """'image', 'characters', 'words' or 'seq2seq' (see DATASETS)."""
     name = dataset.split(":")[0]  # allow a pinned version: 'mnist:3.0.1'
     if name not in DATASETS:
         _builder(dataset, data_dir)  # an unknown or missing data set is a FileNotFoundError
@@ -429,6 +441,8 @@ def _split_text(dataset: str, data_dir: str, split: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _load_info(dataset: str, data_dir: str, vocab_size: int) -> DatasetInfo:
     kind = _kind(dataset, data_dir)
+    if kind == "seq2seq":
+        return translation.load_info(dataset)
     if kind == "image":
         num_classes = _builder(dataset, data_dir).info.features["label"].num_classes
         return DatasetInfo(vocab_size=0, num_classes=num_classes, is_language_model=False)
@@ -610,6 +624,8 @@ def _split_examples(
         examples = _window_batch(ids, seq_len, np.arange(num_windows))
         positions = np.arange(num_windows * seq_len).reshape(num_windows, seq_len)
         examples["weights"] = (positions < num_targets).astype(np.float32)  # [windows, seq_len]
+    elif kind == "seq2seq":
+        examples = translation.split_examples(dataset, data_dir, split, seq_len, training)
     else:
         _check_seq_len(seq_len, dataset)
         source = _source(dataset, data_dir, split)

@@ -24,11 +24,17 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     return jaxmodels.build_model(name, **fields)
 
 
-def example_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> jax.Array:
-    """Zeros shaped like one batch of model inputs for `config.data.dataset`, for initialisation."""
+def example_inputs(
+    config: ml_collections.ConfigDict, batch_size: int = 1
+) -> jax.Array | tuple[jax.Array, ...]:
+    """Zeros shaped like one batch of model inputs for `config.data.dataset`, for initialisation;
+    for the encoder-decoder (`model.name` seq2seq), the tuple of its two inputs."""
     if config.data.dataset == "mnist":
         return jnp.zeros((batch_size, 28, 28, 1), jnp.float32)  # [batch, height, width, channels]
-    return jnp.zeros((batch_size, config.data.seq_len), jnp.int32)  # [batch, seq_len] token ids
+    tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)  # [batch, seq_len] token ids
+    if config.model.name == "seq2seq":
+        return tokens, tokens  # source ids, decoder input ids
+    return tokens
 
 
 def state_from_module(
@@ -43,7 +49,8 @@ def state_from_module(
     Args:
       model: an unbound Flax module.
       rng: a PRNG key for parameter initialisation.
-      inputs: an example batch of model inputs (zeros will do: only shapes matter).
+      inputs: an example batch of model inputs (zeros will do: only shapes matter), or a tuple of
+        them for a model of several inputs (an encoder-decoder's `(inputs, decoder_inputs)`).
       optimizer: any optax GradientTransformation.
 
     Returns:
@@ -51,8 +58,13 @@ def state_from_module(
     """
     # A "dropout" stream too: Flax NNX layers take their rng streams when they are built.
     rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
-    params = model.init(rngs, inputs, train=False)["params"]
+    params = model.init(rngs, *as_tuple(inputs), train=False)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
+
+
+def as_tuple(inputs: Any) -> tuple:
+    """`inputs` as the tuple of a model's positional inputs: a tuple stays, an array becomes one."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def create_train_state(

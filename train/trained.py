@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from train import data
-from train.state import build_model, example_inputs
+from train.state import as_tuple, build_model, example_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,8 @@ def restore_params(
         step = steps[-1]
     elif step not in steps:
         raise FileNotFoundError(f"No checkpoint step {step} in {directory}; it holds {steps}.")
-    init = lambda rng: model.init(rng, example_inputs(config), train=False)["params"]  # noqa: E731
+    inputs = as_tuple(example_inputs(config))  # two for an encoder-decoder
+    init = lambda rng: model.init(rng, *inputs, train=False)["params"]  # noqa: E731
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

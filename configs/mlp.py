@@ -17,7 +17,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.name = "mlp"
     config.model.hidden_sizes = (512, 512)
     config.model.num_classes = 10
-    config.model.dropout_rate = 0.0
+    config.model.dropout_rate = 0.2  # after each hidden layer: without it the MLP overfits MNIST
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
 
     config.data = ml_collections.ConfigDict()
@@ -43,7 +43,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 0.0  # clip the global gradient norm; 0 disables
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 5000  # about 10.7 epochs of 60000 images at batch 128
+    config.train.num_steps = 8000  # about 17 epochs of 60000 images at batch 128
     config.train.log_every = 100
     config.train.eval_every = 1000
     config.train.checkpoint_every = 1000
@@ -53,13 +53,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices
     config.train.mesh.fsdp = 1  # >1 shards params and optimizer state (FSDP)
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
-    # Steps run in one compiled call (a lax.scan): a step here takes about half a millisecond, of
-    # which the host's work per call (dispatch, batch, metrics) would be a fifth. Best a divisor
-    # of log_every and checkpoint_every: the loop reports and saves only between calls.
+    # Steps run in one compiled call (a lax.scan): a step here is so short that the host's work
+    # per call (dispatch, batch, metrics) would be a large share. Best a divisor of log_every and
+    # checkpoint_every: the loop reports and saves only between calls.
     config.train.steps_per_call = 25
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
-    # Off here: one malloc heap makes threads wait for each other, and this 0.55 ms step lost
-    # 10% to that; the larger models gain far more (see train/process.py).
+    # Off here: one malloc heap makes threads wait for each other, which costs a step this short
+    # more than it gains (see train/process.py and benchmarks/RESULTS.md).
     config.train.reuse_host_memory = False
     config.train.cpu_devices = 0  # command line, CPU: see train/process.py
     config.train.profile_steps = 0  # >0: a JAX profiler trace of that many steps, WORKDIR/profile

@@ -22,8 +22,8 @@ def _add(total: Metrics, sums: Metrics) -> Metrics:
 def accumulate(total: Metrics | None, sums: Metrics) -> Metrics:
     """Adds metric sums elementwise; stays on device (no host sync).
 
-    One compiled call per step rather than one dispatch per metric: 14 us against 45 us of host
-    time for the three sums on this CPU, which a sub-millisecond train step notices.
+    One compiled call per step rather than one dispatch per metric: a third of the host time,
+    which a sub-millisecond train step notices.
     """
     if total is None:
         return sums

@@ -99,9 +99,9 @@ def compile_jit(
     `decode`) the split is copied to every device once, and `train` takes batches of example
     *indices* (`{"indices": int32 [b]}`, from `data.train_iterator(..., indices_only=True)`) and
     gathers (and decodes) the examples inside the compiled step: per step, one small array crosses
-    from the host instead of the whole batch. On this 2-core CPU that is what lets a 0.6 ms MLP
-    step run at the speed of a batch already in memory; on an accelerator it takes the
-    host-to-device copy off every step. `eval` still takes host batches.
+    from the host instead of the whole batch. On a CPU that lets a sub-millisecond step run at the
+    speed of a batch already in memory; on an accelerator it takes the host-to-device copy off
+    every step. `eval` still takes host batches.
 
     With `steps_per_call` > 1, `train_steps` runs that many steps in one call on batches stacked
     `[steps_per_call, batch, ...]` (`put_batches`; with `train_examples`, stacked indices), and
@@ -166,8 +166,8 @@ def compile_jit(
     def put(sharding):
         def put_batch(batch):
             if mesh.size == 1:
-                # jit copies numpy arguments to their device itself, about 10x faster per array
-                # than a separate device_put (9 us against 70 us on this CPU).
+                # jit copies numpy arguments to their device itself, with much less host time
+                # per array than a separate device_put.
                 return batch
             # Each process holds its own rows; together they form the global batch.
             return {
@@ -283,10 +283,9 @@ def serializes_collectives(devices) -> bool:
     on one shared thread pool, and an all-reduce holds a thread until all devices reach it. With
     several steps queued ahead, the devices' programs can take every thread while one device's
     share of the all-reduce still waits for one: the rendezvous then aborts the process after
-    40 s. Seen here in about one of seven 200-step trainings of the tiny Transformer on 4 CPU
-    devices; in none of 72 trainings of the four tiny configs (nor 24 bare 200-step loops) once
-    each step was waited for. GPUs and TPUs run each device's program on its own stream, so they
-    keep queuing steps ahead.
+    40 s; it happened in a few percent of short trainings on 4 CPU devices, and never once each
+    step was waited for. GPUs and TPUs run each device's program on its own stream, so they keep
+    queuing steps ahead.
     """
     devices = list(devices)
     return len(devices) > 1 and all(device.platform == "cpu" for device in devices)

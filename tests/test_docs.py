@@ -1,10 +1,7 @@
-"""The README's own-loop example and the Colab notebook run as written (shell lines aside)."""
+"""The README's Python examples run as written (the Colab notebooks: tests/test_notebooks.py)."""
 
-import json
 import pathlib
 import re
-
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,19 +17,3 @@ def test_readme_own_loop_example_runs(monkeypatch, capsys):
     printed = capsys.readouterr().out
     last_loss = float(re.search(r"last loss ([0-9.e+-]+)", printed).group(1))
     assert 0.0 < last_loss < 10.0
-
-
-def test_notebook_code_runs(monkeypatch, tmp_path):
-    notebook = json.loads((REPO / "colab" / "train.ipynb").read_text())
-    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
-    # Shell and magic lines (!pip, %cd) are Colab's business; an `if` left with no body gets `pass`.
-    code = "\n".join(re.sub(r"^(\s*)[!%].*$", r"\1pass", cell, flags=re.M) for cell in cells)
-    code = code.replace("config.train.num_steps = 200", "config.train.num_steps = 20")
-    monkeypatch.chdir(REPO)
-    code = code.replace("runs/notebook-transformer-tiny", str(tmp_path / "run"))
-    namespace: dict = {}
-    exec(compile(code, "colab/train.ipynb", "exec"), namespace)
-    assert int(namespace["state"].step) == 20
-    assert namespace["final"]["eval/loss"] < 4.5  # ln 65 = 4.17 at chance, plus slack for 20 steps
-    if not (tmp_path / "run" / "samples.txt").exists():
-        pytest.fail("the notebook's run wrote no samples")

@@ -72,6 +72,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     if variant == "tiny":
         config.model.hidden_sizes = (128,)
+        config.model.dropout_rate = 0.0
         config.data.train_split = "train[:8192]"
         config.data.eval_split = "test[:1000]"
         config.data.batch_size = 64

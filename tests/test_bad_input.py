@@ -56,8 +56,8 @@ BAD_INPUT = {
         "mnist has 10 classes, but the model's logits have shape (1, 5)",
     ),
     "unknown optimizer": (
-        [TINY, "--config.optimizer.name=lion"],
-        "Unknown optimizer.name 'lion'; use 'sgd', 'adam' or 'adamw'.",
+        [TINY, "--config.optimizer.name=adamm"],
+        "Unknown optimizer.name 'adamm': not an optax optimizer; use one such as 'sgd', 'adam',",
     ),
     "unknown parallelism": (
         [TINY, "--config.train.parallelism=tpu"],

@@ -99,6 +99,8 @@ def train_and_evaluate(
     check_model_fits_data(config, state, info)
     # Only once model and data are known to be good, so bad input leaves no trace; a second run
     # on the same workdir stops here.
+    if is_chief:
+        check_workdir_model(config, workdir)
     lock = WorkdirLock(workdir) if is_chief else None
     manager = writer = None
     try:
@@ -317,27 +319,33 @@ class WorkdirLock:
             self.file = None
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Writes config.json; refuses a workdir that holds a run of a different model.
+def check_workdir_model(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuses a workdir whose config.json holds a run of a different model (before anything is
+    written there). An unreadable config.json is left to `write_config`."""
+    try:
+        previous = json.loads((workdir / "config.json").read_text())["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable
+        return
+    if previous != config.model.name:
+        raise ValueError(
+            f"{workdir} holds a run of model {previous!r}, not {config.model.name!r}; pass a "
+            "different --workdir."
+        )
 
-    An unreadable config.json (empty, cut short by a kill) is rewritten from this run's config:
-    the checkpoints still refuse another model's parameters.
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Writes config.json, whole or not at all (written aside, then renamed over the old one).
+
+    An unreadable config.json (empty, cut short) is rewritten from this run's config, with a
+    warning: the checkpoints still refuse another model's parameters.
     """
     path = workdir / "config.json"
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            logging.warning(
-                "%s was unreadable (%s); rewriting it from this run's config.", path, error
-            )
-            previous = None
-        if previous is not None and previous["model"]["name"] != config.model.name:
-            raise ValueError(
-                f"{workdir} holds a run of model {previous['model']['name']!r}, not "
-                f"{config.model.name!r}; pass a different --workdir."
-            )
-    # Written whole, then renamed over the old one: a kill never leaves half a file.
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        pass
+    except (ValueError, UnicodeDecodeError) as error:
+        logging.warning("%s was unreadable (%s); rewriting it from this run's config.", path, error)
     partial = path.with_name("config.json.partial")
     partial.write_text(config.to_json_best_effort(indent=2) + "\n")
     partial.replace(path)
@@ -599,16 +607,22 @@ def monitoring_events() -> Iterator[list[str]]:
     """The names of the `jax.monitoring` events recorded during the block, such as
     `CACHE_HIT_EVENT` when an executable comes from the persistent compilation cache."""
     events: list[str] = []
+    recording = [True]
 
     def listen(event: str, **kwargs) -> None:
         del kwargs
-        events.append(event)
+        if recording[0]:
+            events.append(event)
 
     jax.monitoring.register_event_listener(listen)
     try:
         yield events
     finally:
-        jax.monitoring.unregister_event_listener(listen)
+        recording[0] = False
+        # JAX 0.7 (Colab's) has no public way to remove a listener: there it stays, inert.
+        unregister = getattr(jax.monitoring, "unregister_event_listener", None)
+        if unregister is not None:
+            unregister(listen)
 
 
 def evaluate(

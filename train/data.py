@@ -24,13 +24,12 @@ concatenated in process order are exactly the single-process global batch, and t
 iterator state (one integer, `next_index`: the next global batch) means the same thing for any
 process count. grain still iterates, checkpoints and (with `data.num_workers` threads) reads ahead.
 
-Why whole batches: measured on a 2-core CPU for MNIST at batch 128, grain shuffling, repeating and
-batching single example indices (one Python element each) cost 1.5 ms per batch, over twice the
-benchmark MLP's 0.6 ms train step, so the step waited on the host. Now `next()` costs about 74 us:
-2 us to slice the indices out of the cached permutation, ~20 us of grain for its one element, the
-rest to gather 128 images from a float32 copy of the split made once (gathering uint8 pixels and
-converting them each batch made `next()` 90 us). With `indices_only` (the split held in device
-memory, see `train.loop.compile_jit`) a batch is just its indices, about 4 us.
+Why whole batches: grain shuffling, repeating and batching single example indices is one Python
+element per example, and for a small model on a CPU that host work took longer than the train step
+itself, which then waited on the host. Now `next()` slices the indices out of a cached permutation,
+makes one grain element and gathers the rows from arrays decoded once. With `indices_only` (the
+split held in device memory, see `train.parallel.compile_jit`) a batch is just its indices.
+Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -181,7 +180,7 @@ def train_iterator(
     Global batch k holds examples at positions k * batch_size .. k * batch_size + batch_size - 1 of
     an endless stream: epoch after epoch, each a new permutation of the split, with no gap at an
     epoch boundary, so every batch is full. grain iterates whole batches (element k is global batch
-    k; one grain element per example costs ~1.5 ms per batch, see the module docstring).
+    k; one grain element per example costs far more host time, see the module docstring).
     `get_state()`/`set_state()` save and restore the position (one integer: the next global batch).
 
     Args:
@@ -225,9 +224,9 @@ def train_iterator(
 class _BatchIterator(grain.DatasetIterator):
     """Global batch k = `read(k)` for k = 0, 1, ...; the state is grain's own `{"next_index": k}`.
 
-    For batches of indices only. grain's map-dataset iterator spends 20-30 us of Python per
-    element, which is most of the host's work per step when a step gathers its batch from device
-    memory; this one calls `read` and counts (about 4 us). A grain `DatasetIterator`, so grain's
+    For batches of indices only. grain's map-dataset iterator spends more Python per element than
+    the rest of the host's work per step when a step gathers its batch from device memory; this
+    one calls `read` and counts. A grain `DatasetIterator`, so grain's
     orbax checkpoint handler saves and restores it like the batch iterator, with the same state.
     """
 
@@ -279,9 +278,8 @@ def device_examples(
     Returns `(examples, decode)`: `inputs` and `targets` with a leading example axis, and None or a
     function (traced inside the train step) that turns rows gathered from `examples` into exactly
     the rows of `train_examples`. MNIST's images stay uint8 and `decode` converts them as the host
-    does, so the batches are bitwise the same. A quarter of the bytes to hold (47 MB instead of
-    188 MB) and to gather per step: the benchmark MLP's step took 576 us instead of 596 us on a
-    2-core CPU.
+    does, so the batches are bitwise the same, with a quarter of the bytes to hold and to gather
+    per step.
     """
     dataset, split, data_dir = (
         data_config.dataset,
@@ -422,8 +420,8 @@ def _read_all(source: Sequence) -> list:
 def _bytes_feature(dataset: str, data_dir: str, split: str, feature: str) -> list[bytes]:
     """One bytes feature of every example of a split, in order.
 
-    Parses the stored tf.train.Example records with the protobuf message tfds ships: tfds's generic
-    numpy decoding costs ~65 us per example in Python (4.3 s for SST-2's train split), this ~10 us.
+    Parses the stored tf.train.Example records with the protobuf message tfds ships, several times
+    faster than tfds's generic numpy decoding, which runs Python per feature of every example.
     """
     source = _source(
         dataset, data_dir, split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
@@ -483,7 +481,7 @@ def _shuffled_stream(num_examples: int, seed: int) -> Callable[[int, int], np.nd
     """
 
     # Two epochs: the one being read and the next, which a batch (or a read-ahead thread) may reach
-    # first. A permutation of MNIST's 60000 examples takes about 1 ms, once per 469 batches of 128.
+    # first. A permutation is made once per epoch, a small cost beside the epoch's batches.
     @functools.lru_cache(maxsize=2)
     def permutation(epoch: int) -> np.ndarray:
         order = np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -507,14 +505,13 @@ def _shuffled_stream(num_examples: int, seed: int) -> Callable[[int, int], np.nd
 def _image_arrays(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Every image and label of a split, decoded once: float32 [n, 28, 28, 1] in [0, 1], int32 [n].
 
-    Pixels are converted to float32 once: MNIST's train split is then 188 MB in host memory instead
-    of 47, but a host training batch of 128 costs 16 us less (74 us per `next()` instead of 90 us
-    with a uint8 gather and conversion, on a 2-core host). Device memory holds the uint8 pixels
-    (see `device_examples`).
+    Pixels are converted to float32 once: four times the host memory of the uint8 pixels, but each
+    host batch is then a gather alone, not a gather and a conversion. Device memory holds the uint8
+    pixels (see `device_examples`).
     """
     pixels, labels = _image_pixels(dataset, data_dir, split)
     images = pixels.astype(np.float32)
-    images *= _PIXEL_SCALE  # in place: no second 188 MB temporary; as _pixels_to_float does
+    images *= _PIXEL_SCALE  # in place: no second float32 copy; as _pixels_to_float does
     images.flags.writeable = False  # cached and shared
     return images, labels
 
@@ -534,10 +531,9 @@ def _pixels_to_float(pixels):
 def _image_pixels(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Every image and label of a split, decoded once: uint8 [n, 28, 28, 1], int32 [n].
 
-    Decoding each PNG once here, instead of in every batch in the training thread (about 32 ms per
-    batch of 128, 50 times the MLP's step), leaves a batch costing one gather. tfds's own numpy
-    decoding is half as fast as parsing the stored tf.train.Example and calling PIL directly, as
-    here (about 4.5 s for all 60000 images).
+    Decoding each PNG once here, instead of in every batch in the training thread (many times a
+    small model's step), leaves a batch costing one gather. Parsing the stored tf.train.Example and
+    calling PIL directly, as here, is about twice as fast as tfds's own numpy decoding.
     """
     shape = _builder(dataset, data_dir).info.features["image"].shape  # (28, 28, 1)
     source = _source(

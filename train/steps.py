@@ -84,8 +84,8 @@ def train_step(
     # over the global batch) and micro-batches add up to the whole batch's mean. Dividing first
     # would need the global weight before the backward pass: one more cross-device reduction,
     # which XLA:CPU runs as a blocking wait on one of its worker threads while the other
-    # device's forward pass waits for a thread (seen stalling a small-Transformer step on two
-    # CPU devices by up to 0.95 s). Now every reduction of the step comes after it.
+    # device's forward pass waits for a thread, stalling steps on several CPU devices. Now every
+    # reduction of the step comes after it.
     def grads_and_sums(params, micro_batch, micro_weights, micro_rng):
         def loss_fn(params):
             logits = state.apply_fn(

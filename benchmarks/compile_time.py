@@ -14,8 +14,8 @@ printed `first_step_compile_s` is lower_s + compile_s: the time before the first
 With `--repeats=N` the pair runs N times, each over a new cache; every field is then the median
 of the N runs, and `cold_first_step_compile_s_runs` / `cached_..._runs` list each run's figure.
 `first_run_s` doubles as a gauge of the machine's phase: the same step in a slow phase takes
-longer to run as well as to compile. Python's garbage collector is off while lowering and
-compiling, as in the loop's first step (`train.loop.gc_paused`); `--pause_gc=false` leaves it on.
+longer to run as well as to compile. `--implementation` picks the model's layers as in
+step_throughput.py (default `cpu`, what `auto` runs on a CPU).
 
 `--layers` compiles the tiny Transformer at several depths, cache off: with `model.scan_layers=true`
 XLA compiles one layer and loops over it, so compile time stays flat as layers are added; unrolled
@@ -25,7 +25,6 @@ layers (the default, faster to run on CPU) compile one by one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -41,24 +40,21 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import loop  # noqa: E402
+from train import loop, parallel, process  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 CONFIG = REPO / "configs" / "transformer.py"
 
 
-def time_first_step(name: str, pause_gc: bool = True) -> dict[str, float | bool]:
+def time_first_step(name: str, implementation: str = "cpu") -> dict[str, float | bool]:
     """Lower, compile (or load) and run one train step of benchmark `name`; seconds of each, and
-    whether the executable came from the persistent cache (`cache_hit`).
-
-    With `pause_gc`, Python's garbage collector is off while lowering and compiling, as in the
-    loop's first step (`train.loop.gc_paused`)."""
+    whether the executable came from the persistent cache (`cache_hit`)."""
     import step_throughput  # noqa: PLC0415  (imports jax and the models: only in this mode)
 
-    setup = step_throughput.build(name)  # the same state and step as the throughput benchmark
+    # The same state and step as the throughput benchmark.
+    setup = step_throughput.build(name, implementation)
     state, batch, rng = setup.state, setup.batch, jax.random.key(1)
-    paused = loop.gc_paused() if pause_gc else contextlib.nullcontext()
-    with loop.monitoring_events() as events, paused:
+    with loop.monitoring_events() as events:
         start = time.perf_counter()
         lowered = setup.compiled.train.lower(state, batch, rng)
         lowered_at = time.perf_counter()
@@ -73,16 +69,16 @@ def time_first_step(name: str, pause_gc: bool = True) -> dict[str, float | bool]
     }
 
 
-def cold_and_cached(name: str, pause_gc: bool = True) -> dict:
+def cold_and_cached(name: str, implementation: str = "cpu") -> dict:
     """Runs `--child` twice in fresh processes over one new cache directory."""
     import step_throughput  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as cache_dir:
         command = [__file__, f"--child={name}", f"--cache_dir={cache_dir}"]
-        command.append(f"--pause_gc={str(pause_gc).lower()}")
+        command.append(f"--implementation={implementation}")
         runs = [step_throughput.run_fresh(name, command, subprocess.PIPE) for _ in range(2)]
         cache_files = sum(1 for _ in pathlib.Path(cache_dir).rglob("*") if _.is_file())
-    result = {"model": name, "pause_gc": pause_gc}
+    result = {"model": name, "implementation": implementation}
     for label, run in zip(("cold", "cached"), runs, strict=True):
         result.update({f"{label}_{key}": _rounded(value) for key, value in run.items()})
         result[f"{label}_first_step_compile_s"] = round(run["lower_s"] + run["compile_s"], 3)
@@ -94,12 +90,12 @@ def _rounded(value):
     return round(value, 3) if isinstance(value, float) else value
 
 
-def repeated(name: str, repeats: int, pause_gc: bool = True) -> dict:
+def repeated(name: str, repeats: int, implementation: str = "cpu") -> dict:
     """`cold_and_cached` `repeats` times: the median of each field, and each run's totals."""
-    runs = [cold_and_cached(name, pause_gc) for _ in range(repeats)]
-    result = {"model": name, "repeats": repeats, "pause_gc": pause_gc}
+    runs = [cold_and_cached(name, implementation) for _ in range(repeats)]
+    result = {"model": name, "implementation": implementation, "repeats": repeats}
     for key, value in runs[0].items():
-        if key in result:  # model, pause_gc
+        if key in result:  # model, implementation
             continue
         if isinstance(value, bool):  # the cache hits: one per run
             result[f"{key}_runs"] = [run[key] for run in runs]
@@ -161,16 +157,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="--model: cold/cached pairs")
     parser.add_argument("--scan_layers", default="true")
     parser.add_argument("--remat", default="false")
-    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--pause_gc", default="true", help="--model: Python's GC off while compiling, as the loop"
+        "--implementation", choices=("standard", "cpu"), default="cpu", help="--model: its layers"
     )
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        loop.setup_compile_cache(args.cache_dir)  # what `python -m train` does
-        print(json.dumps(time_first_step(args.child, args.pause_gc == "true")))
+        process.set_compile_cache(args.cache_dir)  # what `python -m train` does
+        print(json.dumps(time_first_step(args.child, args.implementation)))
     elif args.model:
-        print(json.dumps(repeated(args.model, args.repeats, args.pause_gc == "true")))
+        print(json.dumps(repeated(args.model, args.repeats, args.implementation)))
     else:
         depths = [int(n) for n in args.layers.split(",")]
         depth_sweep(depths, args.scan_layers == "true", args.remat == "true")

@@ -1,46 +1,39 @@
-"""Train-step throughput of the benchmark models, through the project's own state, step and jit.
+"""Train-step throughput of the benchmark models, plain Flax against the XLA:CPU-tuned layers.
 
 Usage (from the repo root):
-  python benchmarks/step_throughput.py --model=cnn
+  python benchmarks/step_throughput.py --all                       # every model, both forms
+  python benchmarks/step_throughput.py --model=cnn --implementation=cpu
   python benchmarks/step_throughput.py --model=transformer_small --steps=4 --repeats=3
-  python benchmarks/step_throughput.py --model=mlp --mode=pipeline
-  python benchmarks/step_throughput.py --all [--mode=pipeline]
+  python benchmarks/step_throughput.py --all --mode=pipeline
 
 Each benchmark is a config file from `configs/` with a few fields overridden (dropout 0 always),
-run through `train.state.create_train_state` and `train.steps.train_step`, compiled by
-`train.parallel.compile_jit` over `train.parallel.make_mesh()` with the state donated: what
-`python -m train` runs. Each model runs in a fresh process, set up as `python -m train` sets up
-its own: with the host-memory settings of the config's `train.reuse_host_memory` (see
-`train.host_memory`) and as many CPU devices as its `train.cpu_devices` asks for (see
-`train.cpu_devices`: the LSTM and the small Transformer run on two, one per core). Where the
-config sets `train.steps_per_call` > 1 (the MLP: 25), every call is that many steps
-(`train.steps.train_steps` on stacked batches), as in the loop, and the times are per step.
+built and compiled as `python -m train` builds it (`train.loop.init_state`,
+`train.parallel.compile_jit` with the state donated, `train.steps.train_step`). Every model that
+has an `implementation` field runs twice, each time in a fresh process: `implementation=standard`
+(the plain Flax layers) and `implementation=cpu` (the forms in `jaxmodels/tuned.py`); the MLP has
+one form. The JSON line's `implementation` says which ran. Each process starts with the
+environment `python -m train` gives itself (`train.process.environment`: the config's host-memory
+reuse and CPU device count). Where the config sets `train.steps_per_call` > 1 (the MLP: 25), every
+call runs that many steps, and times are per step. The persistent compilation cache stays off, so
+`compile_s` is a cold compile (benchmarks/compile_time.py measures the cache).
 
 Modes:
-  memory    one fixed random batch (stacked `steps_per_call` times), put on device once, laid
-            out as the step takes it. Tracing, lowering and compiling the step gives `compile_s`
-            (`first_step_s` adds its first run). Warm steps follow until the process's peak
-            resident memory stops growing (`warm_up`: the host heap's start-up growth is not the
-            steady step; `warmup_steps`, `warmup_s`, `warmup_rss_growth_mb`); then `--repeats`
-            times `--steps` steps, with one `jax.block_until_ready` at the end of each repeat
-            (after every step over several CPU devices, as the loop waits for each).
-  pipeline  the same steps fed the way `python -m train` feeds them: with `data.on_device` the
-            split is held in device memory and `train.data.train_iterator` sends batch indices,
-            else it reads whole batches; either goes through the loop's `put_batch`. Repeats
-            alternate with memory-mode repeats of the same config in the same process (A B A B,
-            as load on this machine drifts), which gives `share_of_memory_throughput`.
+  memory    one fixed random batch, put on device once. Warm calls run until the process's peak
+            resident memory stops growing (the host heap's start-up growth is not the steady
+            step), then `--repeats` times `--steps` steps, one `jax.block_until_ready` at the end
+            of each repeat (after every step over several CPU devices, as the loop waits for each).
+  pipeline  the same steps fed as `python -m train` feeds them (`train.data.train_iterator`, the
+            split in device memory where `data.on_device`), repeats alternating with memory-mode
+            repeats in the same process: `share_of_memory_throughput`.
 
-Every model prints one JSON line. `flops_per_step` is the hand count of `model_flops` (documented
-there), `xla_flops_per_step` XLA's cost analysis of the compiled step (or call: it counts the body
-of the steps' scan once, so still one step). The peak is a jitted float32
-4096x4096 `jnp.dot`, timed `--peak_repeats` times after every repeat of the model, in the same
-process. `share_of_peak` is the median over repeats of the repeat's model FLOP/s over the peak
-taken just after it (`_min`, `_max`: the extremes over repeats), so that a slow phase of the
-machine (it has some, tens of seconds long) slows both sides of a ratio instead of one.
-`peak_gflops` is the median of those peaks (with `_min` and `_max`).
-`loadavg` is the first field of /proc/loadavg before the model's work started (the benchmark loads
-the machine itself, so a later reading would count it); `other_cores_busy` is the CPU time that
-other processes used during the timed repeats, in cores, from /proc/stat minus this process.
+Fields: `step_ms` is the median over repeats (`_min`, `_max`: the extremes). `flops_per_step` is
+the hand count of `model_flops`, `xla_flops_per_step` XLA's cost analysis of the compiled step.
+A jitted float32 `jnp.dot` of two 4096x4096 matrices (`--peak_size`) is timed after every repeat;
+`share_of_peak` is the median of each repeat's model FLOP/s over the peak taken just after it, so
+that a slow phase of the machine slows both sides of a ratio. `loadavg` is /proc/loadavg's first
+field before the model's work started, `other_cores_busy` the cores other processes kept busy
+during the timed repeats, and `cpu` the CPU's model name (`lscpu`'s): tunings pay differently on
+different CPUs.
 """
 
 from __future__ import annotations
@@ -69,15 +62,17 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from train import cpu_devices, data, host_memory, loop  # noqa: E402
+from train import data, loop, parallel, process  # noqa: E402
 from train.config import load_config  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "tensorflow_datasets_array_record"
+IMPLEMENTATIONS = ("standard", "cpu")  # plain Flax, then jaxmodels/tuned.py
 TARGET_REPEAT_S = 4.0  # default --steps: about this many seconds per repeat
 WARMUP_S = 0.5  # the warm-up runs at least this long, however soon memory settles
 SETTLED_CALLS = 3  # warm calls in a row without memory growth that end the warm-up
 RSS_GROWTH_BYTES = 8 * 2**20  # less peak resident memory growth than this is none
 WARMUP_MAX_S = 120.0  # the warm-up stops after this long even if memory still grows
+PEAK_SIZE = 4096  # default --peak_size
 MNIST_SHAPE = (28, 28, 1)
 
 
@@ -138,7 +133,7 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 100,
             "data.batch_size": 64,
-            "train.cpu_devices": 2,  # one device per core (train/cpu_devices.py): 223 -> 191 ms
+            "train.cpu_devices": 2,  # one device per core: faster here (benchmarks/RESULTS.md)
         },
         float_features=64,
         memory_only=("model.vocab_size", "model.embed_dim"),
@@ -161,7 +156,7 @@ BENCHMARKS = {
             "model.dropout_rate": 0.0,
             "data.seq_len": 64,
             "data.batch_size": 12,
-            "train.cpu_devices": 0,  # one device: two made the step slower (48 -> 65 ms)
+            "train.cpu_devices": 0,  # one device: two made this small step slower
         },
     ),
     "transformer_small": Benchmark(
@@ -181,8 +176,17 @@ BENCHMARKS = {
 }
 
 
-def benchmark_config(name: str, pipeline: bool) -> ml_collections.ConfigDict:
-    """The locked config of benchmark `name`; `pipeline` drops its `memory_only` overrides."""
+def implementations(name: str) -> tuple[str, ...]:
+    """The forms benchmark `name` comes in: both, or ("standard",) for a model without the field."""
+    model = load_config(REPO / "configs" / BENCHMARKS[name].config_file).model
+    return IMPLEMENTATIONS if "implementation" in model else ("standard",)
+
+
+def benchmark_config(
+    name: str, implementation: str = "cpu", pipeline: bool = False
+) -> ml_collections.ConfigDict:
+    """The locked config of benchmark `name` in `implementation` (ignored by a model without the
+    field); `pipeline` drops its `memory_only` overrides."""
     benchmark = BENCHMARKS[name]
     config = load_config(REPO / "configs" / benchmark.config_file)
     overrides = {
@@ -190,8 +194,15 @@ def benchmark_config(name: str, pipeline: bool) -> ml_collections.ConfigDict:
         for key, value in benchmark.overrides.items()
         if not (pipeline and key in benchmark.memory_only)
     }
+    if "implementation" in config.model:
+        overrides["model.implementation"] = implementation
     config.update_from_flattened_dict(overrides)  # locked: a misspelt key raises
     return config
+
+
+def implementation_of(config: ml_collections.ConfigDict) -> str:
+    """What a benchmark config runs: its `model.implementation`, or "standard" without one."""
+    return config.model.implementation if "implementation" in config.model else "standard"
 
 
 def float_features(name: str, config: ml_collections.ConfigDict) -> int:
@@ -209,17 +220,14 @@ def _dense_chain(sizes: Sequence[int]) -> int:
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
 
 
-def model_flops(
-    config: ml_collections.ConfigDict, features: int = 0, visible_scores_only: bool = False
-) -> int:
+def model_flops(config: ml_collections.ConfigDict, features: int = 0) -> int:
     """Training FLOPs of one step, counted by hand from the config.
 
     Convention: a matmul of [M, K] by [K, N] (or a convolution, per output position) is
     2 * M * N * K FLOPs; one training step is 3 x the forward matmul FLOPs (the forward pass, plus
-    the two matmuls of the backward pass: gradients of the activations and of the weights).
-    Biases, activations, normalisation, softmax, the loss, embedding lookups and the optimizer
-    update are not counted, and neither is the saving of skipping the input gradient of the first
-    layer, which nobody computes (so XLA's count is lower: about 2/3 of ours for the MLP).
+    the gradients of the activations and of the weights). Biases, activations, normalisation,
+    softmax, the loss, embedding lookups and the optimizer are not counted, nor is the saving of
+    skipping the first layer's input gradient (so XLA's count is lower: 2/3 of ours for the MLP).
 
       mlp          2 * B * sum(d_in * d_out) over the dense layers (784 -> hidden... -> classes).
       cnn          2 * B * H * W * 9 * C_in * C_out per 3x3 SAME conv at its input resolution
@@ -227,20 +235,14 @@ def model_flops(
       lstm         per layer 2 * B * T * (F_in * 4H + H * 4H): the input and the recurrent gate
                    projections (F_in = features or embed_dim for the first layer, H after); then the
                    dense head on the last state [B, H] (on [B * T, H] for a per-step model).
-      transformer  per layer 2 * B * T * (3 W^2 + W^2 + 2 W M) for the q/k/v, output and MLP
-                   projections, plus 2 * (2 * B * T^2 * W) for the attention scores q.k and the
-                   weighted sum of values over all heads; plus 2 * B * T * W * V for the LM head.
-                   T^2 counts the full T x T score matrix, masked half included, as a plain
-                   Transformer computes it and as the usual model-FLOPs formula (6N + 12 L T W
-                   per token) counts it, so that shares compare with other implementations. Our
-                   causal attention skips most masked key blocks (see
-                   `jaxmodels.transformer.causal_attention`); `visible_scores_only` counts only
-                   the T (T + 1) / 2 visible scores instead, a lower bound on the useful work.
+      transformer  per layer 2 * B * T * (4 W^2 + 2 W M) for the q/k/v, output and MLP
+                   projections, plus 2 * (2 * B * T^2 * W) for the scores and the weighted sum of
+                   values over all heads (the full T x T matrix, masked half included, as the usual
+                   6N + 12 L T W per token counts it); plus 2 * B * T * W * V for the LM head.
 
     Args:
       config: a benchmark config.
       features: float features per LSTM step; 0 for a token LSTM (then `embed_dim` counts).
-      visible_scores_only: a causal Transformer's attention counts the visible scores only.
 
     Returns:
       FLOPs of one training step on the global batch `config.data.batch_size`.
@@ -270,10 +272,7 @@ def model_flops(
         seq_len, width, mlp_dim = config.data.seq_len, model.width, model.mlp_dim
         tokens = batch * seq_len
         per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
-        scores = (
-            seq_len * (seq_len + 1) // 2 if visible_scores_only and model.causal else seq_len**2
-        )
-        per_layer += 2 * 2 * batch * scores * width  # scores and values, all heads
+        per_layer += 2 * 2 * batch * seq_len**2 * width  # scores and values, all heads
         forward = model.num_layers * per_layer
         if model.causal:
             forward += 2 * tokens * width * model.vocab_size  # LM head
@@ -284,7 +283,7 @@ def model_flops(
     return 3 * forward
 
 
-# --- Batches, state and timing --------------------------------------------------------------------
+# --- Building and timing --------------------------------------------------------------------------
 
 
 def random_batch(config: ml_collections.ConfigDict, features: int, seed: int = 0) -> dict:
@@ -329,14 +328,14 @@ class Setup(NamedTuple):
     batch: dict  # a fixed random batch in device memory, laid out as the step takes it
 
 
-def build(name: str, pipeline: bool = False) -> Setup:
+def build(name: str, implementation: str = "cpu", pipeline: bool = False) -> Setup:
     """Benchmark `name` built as `python -m train` builds it: through the model table, the loop's
     state initialisation and its compiled steps (also used by compile_time.py)."""
-    config = benchmark_config(name, pipeline)
+    config = benchmark_config(name, implementation, pipeline)
     loop.check_batch_size(config)
     features = float_features(name, config)
     host_batch = random_batch(config, features)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.train.mesh)
     state, state_sharding = loop.init_state(
         config, mesh, jax.random.key(config.seed), jnp.asarray(host_batch["inputs"][:1])
     )
@@ -349,6 +348,16 @@ def build(name: str, pipeline: bool = False) -> Setup:
 def read_loadavg() -> float:
     """The one-minute load average (first field of /proc/loadavg)."""
     return float(pathlib.Path("/proc/loadavg").read_text().split()[0])
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as `lscpu` reports it (from /proc/cpuinfo); "" where unknown."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else ""
 
 
 def _busy_cpu_s() -> float:
@@ -422,11 +431,10 @@ def warm_up(
 
     Settled: the process's peak resident memory has grown by less than RSS_GROWTH_BYTES over the
     last SETTLED_CALLS calls, and at least WARMUP_S seconds have passed (or WARMUP_MAX_S have,
-    whatever the memory does). Until then the host heap is still growing to its steady size
-    (the small Transformer's by 310-380 MB over its first 4 steps), each growth in a slower step
-    (the kernel maps and zeroes the new pages): a start-up cost, like compilation, that a timed
-    repeat would otherwise catch. The call time used for the count is the mean of the settled
-    calls.
+    whatever the memory does). Until then the host heap is still growing to its steady size, each
+    growth in a slower step (the kernel maps and zeroes the new pages): a start-up cost, like
+    compilation, that a timed repeat would otherwise catch. The call time used for the count is
+    the mean of the settled calls.
     """
     count, quiet, quiet_s, start = 0, 0, 0.0, time.perf_counter()
     first_rss = last_rss = peak_rss_bytes()
@@ -473,9 +481,8 @@ class PeakMatmul:
 def xla_flops(executable, num_devices: int) -> float:
     """FLOPs of the compiled step from XLA's cost analysis, summed over the mesh's devices.
 
-    The analysed module is the per-device (SPMD-partitioned) program, hence the product. XLA counts
-    a while loop's body once, whatever its trip count, so a scanned model (the LSTM; a Transformer
-    whose layers are scanned) comes out far below its real count.
+    The analysed module is the per-device program, hence the product. XLA counts a loop's body
+    once, whatever its trip count, so a scanned model (the LSTM) comes out far below its count.
     """
     analysis = executable.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
@@ -483,38 +490,39 @@ def xla_flops(executable, num_devices: int) -> float:
     return float(analysis["flops"]) * num_devices
 
 
-def _step_stats(times_s: list[float], num_steps: int) -> dict[str, float]:
-    per_step_ms = [1e3 * t / num_steps for t in times_s]
-    return {
-        "step_ms": statistics.median(per_step_ms),
-        "step_ms_min": min(per_step_ms),
-        "step_ms_max": max(per_step_ms),
-    }
+def _spread(values: list[float], name: str) -> dict[str, float]:
+    """`name`: the median of `values`; `name_min`, `name_max`: the extremes."""
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
 
 
 def run_benchmark(
     name: str,
+    implementation: str = "cpu",
     mode: str = "memory",
     steps: int | None = None,
     repeats: int = 5,
     peak_repeats: int = 2,
+    peak_size: int = PEAK_SIZE,
 ) -> dict[str, Any]:
-    """Benchmarks one model; returns the JSON line's fields (see the module docstring).
+    """Benchmarks one model in one process; returns the JSON line's fields (module docstring).
 
     Args:
       name: a key of `BENCHMARKS`.
+      implementation: "standard" or "cpu" (the model's `implementation` field).
       mode: 'memory' or 'pipeline'.
       steps: steps per timed repeat; None picks about TARGET_REPEAT_S seconds' worth (separately
         for memory and pipeline steps).
       repeats: timed repeats (per kind, in pipeline mode).
-      peak_repeats: timed runs of the 4096 peak matmul after each repeat (and of the 2048 one,
-        once, at the end).
+      peak_repeats: timed runs of the peak matmul after each repeat.
+      peak_size: the peak matmul's side.
     """
     if mode not in ("memory", "pipeline"):
         raise ValueError(f"Unknown mode {mode!r}; use 'memory' or 'pipeline'.")
     loadavg = read_loadavg()
     pipeline = mode == "pipeline"
-    config, features, mesh, state, state_sharding, compiled, batch = build(name, pipeline)
+    config, features, mesh, state, state_sharding, compiled, batch = build(
+        name, implementation, pipeline
+    )
     rng = jax.random.key(config.seed + 1)
 
     # With train.steps_per_call > 1 (the MLP) the loop calls `train_steps` on stacked batches, and
@@ -537,25 +545,16 @@ def run_benchmark(
     serial = parallel.serializes_collectives(mesh.devices.flat)
     runner = Runner(parallel.one_at_a_time(executable) if serial else executable, state, rng)
     calls = None if steps is None else -(-steps // per_call)  # --steps, rounded up to whole calls
-    # The peak matmul's buffers are allocated before the warm-up, so that the heap it settles
-    # already holds them.
-    peak_dot, peaks = PeakMatmul(4096), []
-    estimated_calls, memory_warmup = warm_up(runner, lambda: batch, TARGET_REPEAT_S)
+    # Allocated before the warm-up, so that the heap it settles already holds these buffers.
+    peak_dot = PeakMatmul(peak_size)
+    estimated_calls, warmup = warm_up(runner, lambda: batch, TARGET_REPEAT_S)
     memory_calls = calls or estimated_calls
-    meter = CpuMeter()
-    memory_times, pipeline_times = [], []
     if pipeline:
-        # What `python -m train` does: with data.on_device the split is put in device memory and
-        # the host sends batches of indices (see train.parallel.compile_jit), else host batches.
         setup_start = time.perf_counter()
         on_device = config.data.on_device
         examples, decode = data.device_examples(config.data) if on_device else (None, None)
         pipe = parallel.compile_jit(
-            mesh,
-            state_sharding,
-            train_examples=examples,
-            decode=decode,
-            steps_per_call=per_call,
+            mesh, state_sharding, train_examples=examples, decode=decode, steps_per_call=per_call
         )
         train_iter = data.train_iterator(config.data, seed=config.seed, indices_only=on_device)
         pipe_train = pipe.train_steps if per_call > 1 else pipe.train
@@ -571,87 +570,70 @@ def run_benchmark(
             runner, next_batch, TARGET_REPEAT_S, train=pipe_train
         )
         pipeline_calls = calls or estimated_calls
-    # The peak is measured after every repeat, so that each repeat has one taken under the same
-    # conditions: this machine has slow phases tens of seconds long, which a peak measured once,
-    # after all repeats, would miss or catch alone.
-    for _ in range(repeats):  # alternating kinds in pipeline mode: load drifts between repeats
+
+    # A peak after every repeat: the machine's slow phases last tens of seconds, which a peak
+    # measured once would miss or catch alone. Pipeline repeats alternate with memory repeats.
+    meter, peaks, memory_times, pipeline_times = CpuMeter(), [], [], []
+    for _ in range(repeats):
         memory_times.append(meter.time(lambda: runner.run(memory_calls, lambda: batch)))
         if pipeline:
             pipeline_times.append(
                 meter.time(lambda: runner.run(pipeline_calls, next_batch, pipe_train))
             )
         peaks.append(peak_dot.gflops(peak_repeats))
-    del peak_dot
-    peak_2048 = PeakMatmul(2048).gflops(peak_repeats)
-    flops = model_flops(config, features)
-    visible_flops = model_flops(config, features, visible_scores_only=True)
-    flops_xla = xla_flops(executable, mesh.size)
 
     memory_steps = memory_calls * per_call
-    pipeline_steps = pipeline_calls * per_call if pipeline else 0
-    memory = _step_stats(memory_times, memory_steps)
-    timed_times, timed_steps = (
-        (pipeline_times, pipeline_steps) if pipeline else (memory_times, memory_steps)
-    )
-    timed = _step_stats(timed_times, timed_steps)
-    step_s = timed["step_ms"] / 1e3
-
-    def shares(model_flops_per_step: float) -> list[float]:
-        """Each repeat's model FLOP/s over the peak measured after it."""
-        return [
-            model_flops_per_step * timed_steps / t / (p * 1e9)
-            for t, p in zip(timed_times, peaks, strict=True)
-        ]
-
-    flop_shares = shares(flops)
-
+    timed_steps = pipeline_calls * per_call if pipeline else memory_steps
+    timed_times = pipeline_times if pipeline else memory_times
+    step_ms = _spread([1e3 * t / timed_steps for t in timed_times], "step_ms")
+    flops = model_flops(config, features)
+    shares = [
+        flops * timed_steps / t / (peak * 1e9) for t, peak in zip(timed_times, peaks, strict=True)
+    ]
     batch_size = config.data.batch_size
+    step_s = step_ms["step_ms"] / 1e3
     result: dict[str, Any] = {
         "model": name,
+        "implementation": implementation_of(config),
         "mode": mode,
         "examples_per_s": batch_size / step_s,
     }
     if config.model.name == "transformer":
         result["tokens_per_s"] = batch_size * config.data.seq_len / step_s
-    result.update(timed)
+    result.update(step_ms)
     result.update(
         {
             "flops_per_step": flops,
-            "xla_flops_per_step": flops_xla,
-            "peak_gflops": statistics.median(peaks),
-            "peak_gflops_min": min(peaks),
-            "peak_gflops_max": max(peaks),
-            "peak_gflops_2048": peak_2048,
-            "share_of_peak": statistics.median(flop_shares),
-            "share_of_peak_min": min(flop_shares),
-            "share_of_peak_max": max(flop_shares),
-            "share_of_peak_visible_scores": statistics.median(shares(visible_flops)),
+            "xla_flops_per_step": xla_flops(executable, mesh.size),
+            **_spread(peaks, "peak_gflops"),
+            **_spread(shares, "share_of_peak"),
             "compile_s": compile_s,
             "first_step_s": first_step_s,
-            "warmup_steps": memory_warmup.calls * per_call,
-            "warmup_s": memory_warmup.seconds,
-            "warmup_rss_growth_mb": memory_warmup.rss_growth_bytes / 2**20,
-            "warmup_settled": memory_warmup.settled,
+            "warmup_steps": warmup.calls * per_call,
+            "warmup_s": warmup.seconds,
+            "warmup_rss_growth_mb": warmup.rss_growth_bytes / 2**20,
+            "warmup_settled": warmup.settled,
             "loadavg": loadavg,
             "loadavg_end": read_loadavg(),
             "other_cores_busy": meter.cores(),
-            "steps": pipeline_steps if pipeline else memory_steps,
+            "steps": timed_steps,
             "steps_per_call": per_call,
             "repeats": repeats,
             "batch_size": batch_size,
             "devices": jax.device_count(),
             "platform": jax.devices()[0].platform,
+            "cpu": cpu_model(),
             "jax_version": jax.__version__,
         }
     )
     if pipeline:
-        memory_examples_per_s = batch_size / (memory["step_ms"] / 1e3)
+        memory_step_ms = statistics.median([1e3 * t / memory_steps for t in memory_times])
         result.update(
             {
-                "memory_examples_per_s": memory_examples_per_s,
-                "memory_step_ms": memory["step_ms"],
+                "memory_examples_per_s": batch_size / (memory_step_ms / 1e3),
+                "memory_step_ms": memory_step_ms,
                 "memory_steps": memory_steps,
-                "share_of_memory_throughput": result["examples_per_s"] / memory_examples_per_s,
+                "share_of_memory_throughput": memory_step_ms / step_ms["step_ms"],
                 "pipeline_setup_s": pipeline_setup_s,
                 "pipeline_warmup_steps": pipeline_warmup.calls * per_call,
                 "pipeline_warmup_settled": pipeline_warmup.settled,
@@ -668,13 +650,11 @@ def run_benchmark(
 def run_fresh(name: str, script_and_args: list[str], stderr=None) -> dict:
     """Runs a benchmark script for model `name` in a fresh Python process; its last JSON line.
 
-    The process starts with the host-memory settings and CPU device count of the benchmark's
-    config in its environment (`train.host_memory.environment`, `train.cpu_devices.environment`),
-    as `python -m train` applies them before JAX starts.
+    The process starts with the environment `python -m train` gives itself for the benchmark's
+    config (`train.process.environment`: host-memory reuse, CPU device count), which must be in
+    place before JAX starts.
     """
-    train_config = benchmark_config(name, False).train
-    env = {**os.environ, **host_memory.environment(train_config)}
-    env.update(cpu_devices.environment(train_config))
+    env = {**os.environ, **process.environment(benchmark_config(name).train)}
     command = [sys.executable, *script_and_args]
     out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, stderr=stderr)
     return json.loads(out.stdout.decode().strip().splitlines()[-1])
@@ -685,6 +665,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", choices=sorted(BENCHMARKS))
     which.add_argument("--all", action="store_true", help="every model, one JSON line each")
+    parser.add_argument(
+        "--implementation",
+        choices=("both", *IMPLEMENTATIONS),
+        default="both",
+        help="the plain Flax layers, jaxmodels/tuned.py's, or both (a model without the field "
+        "runs its one form)",
+    )
     parser.add_argument("--mode", choices=("memory", "pipeline"), default="memory")
     parser.add_argument(
         "--steps", type=int, default=None, help=f"steps per repeat (default: ~{TARGET_REPEAT_S} s)"
@@ -693,33 +680,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peak_repeats", type=int, default=2, help="runs of the peak matmul after each repeat"
     )
+    parser.add_argument(
+        "--peak_size", type=int, default=PEAK_SIZE, help="side of the peak matmul's matrices"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # see main()
     args = parser.parse_args(argv)
-    if (args.steps is not None and args.steps < 1) or args.repeats < 1 or args.peak_repeats < 1:
-        parser.error("--steps, --repeats and --peak_repeats must be positive")
+    counts = (args.repeats, args.peak_repeats, args.peak_size, args.steps or 1)
+    if min(counts) < 1:
+        parser.error("--steps, --repeats, --peak_repeats and --peak_size must be positive")
+    if args.child and (args.model is None or args.implementation == "both"):
+        parser.error("--child runs one --model in one --implementation")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Runs the benchmarks named on the command line; prints and returns one dict per model."""
+    """Runs the benchmarks named on the command line; prints and returns one dict per line."""
     args = parse_args(argv)
     if "TFDS_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
         os.environ["TFDS_DATA_DIR"] = str(SHARED_DATA)
-    if args.child:  # this process was started by the branch below, environment and all
-        result = run_benchmark(args.model, args.mode, args.steps, args.repeats, args.peak_repeats)
+    if args.child:  # this process was started by the loop below, environment and all
+        result = run_benchmark(
+            args.model,
+            args.implementation,
+            args.mode,
+            args.steps,
+            args.repeats,
+            args.peak_repeats,
+            args.peak_size,
+        )
         print(json.dumps(result), flush=True)
         return [result]
-    # Each model runs in a fresh process, as `python -m train` runs one, whose environment carries
-    # the host-memory settings of its config (train.host_memory): they must be in place before
+    # Each run is a fresh process: the environment of `train.process` must be in place before
     # JAX starts a thread, and this process has already imported JAX.
+    wanted = IMPLEMENTATIONS if args.implementation == "both" else (args.implementation,)
+    options = [f"--mode={args.mode}", f"--repeats={args.repeats}"]
+    options += [f"--peak_repeats={args.peak_repeats}", f"--peak_size={args.peak_size}", "--child"]
+    options += [f"--steps={args.steps}"] if args.steps else []
     results = []
     for name in list(BENCHMARKS) if args.all else [args.model]:
-        options = [f"--mode={args.mode}", f"--repeats={args.repeats}"]
-        options += [f"--peak_repeats={args.peak_repeats}", "--child"]
-        options += [f"--steps={args.steps}"] if args.steps else []
-        result = run_fresh(name, [__file__, f"--model={name}", *options])
-        print(json.dumps(result), flush=True)
-        results.append(result)
+        available = implementations(name)
+        for implementation in [i for i in wanted if i in available] or available[:1]:
+            result = run_fresh(
+                name, [__file__, f"--model={name}", f"--implementation={implementation}", *options]
+            )
+            print(json.dumps(result), flush=True)
+            results.append(result)
     return results
 
 

@@ -1,16 +1,23 @@
-"""benchmarks/step_throughput.py: its JSON line, its hand FLOP counts, and pipeline mode; and
-benchmarks/compile_time.py's cold and cached compiles."""
+"""benchmarks/step_throughput.py: its JSON lines (both implementations), its hand FLOP counts and
+pipeline mode; and benchmarks/compile_time.py's cold and cached compiles. Tiny runs, no timing
+assertions."""
 
 import importlib.util
 import json
 import pathlib
+import subprocess
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from train import process, state
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_throughput.py"
 COMPILE_TIME = SCRIPT.with_name("compile_time.py")
 KEYS = {
     "model",
+    "implementation",
     "mode",
     "examples_per_s",
     "step_ms",
@@ -22,11 +29,13 @@ KEYS = {
     "share_of_peak",
     "compile_s",
     "loadavg",
+    "other_cores_busy",
+    "cpu",
     "devices",
     "jax_version",
 }
-# Tiny runs: a few steps, one timed peak matmul after each repeat.
-QUICK = ["--model=mlp", "--steps=5", "--repeats=2", "--peak_repeats=1"]
+# Tiny runs: a few steps, one small timed peak matmul after each repeat.
+QUICK = ["--model=mlp", "--steps=5", "--repeats=2", "--peak_repeats=1", "--peak_size=256"]
 
 
 def load_script(path: pathlib.Path):
@@ -49,11 +58,12 @@ def printed_line(capsys) -> dict:
 
 
 def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
-    results = benchmark.main([*QUICK, "--mode=memory"])
+    results = benchmark.main([*QUICK, "--mode=memory"])  # both implementations: the MLP has one
     line = printed_line(capsys)
     assert results == [line]
     assert KEYS <= set(line), KEYS - set(line)
-    assert (line["model"], line["mode"], line["devices"]) == ("mlp", "memory", 4)  # conftest: 4
+    assert (line["model"], line["implementation"], line["mode"]) == ("mlp", "standard", "memory")
+    assert line["devices"] == 4  # conftest's device count wins over the config's
     # 784 -> 128 -> 10 at batch 128: forward 2 * B * (784 * 128 + 128 * 10), training 3x that.
     assert line["flops_per_step"] == 6 * 128 * (784 * 128 + 128 * 10) == 78_053_376
     # XLA counts the same matmuls less the first layer's unneeded input gradient, plus elementwise
@@ -87,6 +97,70 @@ def test_pipeline_mode_compares_with_memory_throughput(benchmark, capsys):
     )
 
 
+def test_all_runs_both_implementations_of_every_model_but_the_mlp(benchmark, monkeypatch, capsys):
+    runs = []
+
+    def run_fresh(name, script_and_args, stderr=None):
+        runs.append((name, script_and_args))
+        implementation = next(a for a in script_and_args if a.startswith("--implementation="))
+        return {"model": name, "implementation": implementation.split("=")[1]}
+
+    monkeypatch.setattr(benchmark, "run_fresh", run_fresh)
+    results = benchmark.main(["--all", "--repeats=2"])
+    assert [(r["model"], r["implementation"]) for r in results] == [
+        ("mlp", "standard"),
+        ("cnn", "standard"),
+        ("cnn", "cpu"),
+        ("lstm", "standard"),
+        ("lstm", "cpu"),
+        ("transformer_tiny", "standard"),
+        ("transformer_tiny", "cpu"),
+        ("transformer_small", "standard"),
+        ("transformer_small", "cpu"),
+    ]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 9  # one JSON line per run
+    name, args = runs[2]  # every run is a fresh child process of one model and one form
+    assert args[1:] == [f"--model={name}", "--implementation=cpu", "--mode=memory", "--repeats=2",
+                        "--peak_repeats=2", "--peak_size=4096", "--child"]  # fmt: skip
+
+    runs.clear()
+    results = benchmark.main(["--model=mlp", "--implementation=cpu"])  # the MLP's one form
+    assert [(r["model"], r["implementation"]) for r in results] == [("mlp", "standard")]
+
+
+def test_each_run_starts_with_the_environment_of_the_command_line(benchmark, monkeypatch):
+    seen = {}
+
+    def run(command, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(command, 0, stdout=b'{"model": "lstm"}\n')
+
+    # Else the device count set in this environment (conftest's) wins, and nothing is set.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    monkeypatch.setattr(subprocess, "run", run)
+    assert benchmark.run_fresh("lstm", ["script.py"]) == {"model": "lstm"}
+    expected = process.environment(benchmark.benchmark_config("lstm").train)
+    assert expected["JAX_NUM_CPU_DEVICES"] == "2"  # the LSTM benchmark: one device per core
+    assert {name: seen[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize("implementation", ["standard", "cpu"])
+def test_the_implementation_reaches_the_model_and_the_line(benchmark, implementation):
+    config = benchmark.benchmark_config("cnn", implementation)
+    assert benchmark.implementation_of(config) == implementation
+    # Traced, not compiled: nn.Conv is a convolution, the tuned form one matmul over patches.
+    model = state.build_model(config)
+    images = jnp.zeros((2, 28, 28, 1))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, images, train=False))(params))
+    assert ("conv_general_dilated" in jaxpr) == (implementation == "standard")
+    # The MLP has one form, whatever is asked for.
+    assert benchmark.implementation_of(benchmark.benchmark_config("mlp", implementation)) == (
+        "standard"
+    )
+
+
 @pytest.mark.parametrize("name", ["cnn", "lstm", "transformer_tiny", "transformer_small"])
 def test_hand_flop_counts_of_the_other_models(benchmark, name):
     config = benchmark.benchmark_config(name, pipeline=False)
@@ -111,7 +185,7 @@ def compile_time():
 def test_compile_time_compiles_cold_then_loads_from_the_cache(compile_time):
     line = compile_time.cold_and_cached("mlp")  # two fresh processes over one new cache directory
     assert (line["cold_cache_hit"], line["cached_cache_hit"]) == (False, True)
-    assert line["cache_files"] >= 1 and line["pause_gc"] is True
+    assert line["cache_files"] >= 1 and line["implementation"] == "cpu"
     for label in ("cold", "cached"):
         seconds = line[f"{label}_lower_s"] + line[f"{label}_compile_s"]
         assert line[f"{label}_first_step_compile_s"] == pytest.approx(seconds, abs=2e-3)
@@ -119,15 +193,14 @@ def test_compile_time_compiles_cold_then_loads_from_the_cache(compile_time):
 
 def test_compile_time_repeats_report_medians_and_every_run(compile_time, monkeypatch):
     def pair(seconds, hit):
-        return {"model": "mlp", "pause_gc": True, "cold_first_step_compile_s": seconds,
+        return {"model": "mlp", "implementation": "cpu", "cold_first_step_compile_s": seconds,
                 "cached_first_step_compile_s": seconds / 4, "cached_cache_hit": hit,
                 "cache_files": 5}  # fmt: skip
 
     pairs = iter([pair(4.0, True), pair(9.0, False), pair(5.0, True)])
-    monkeypatch.setattr(compile_time, "cold_and_cached", lambda name, pause_gc: next(pairs))
+    monkeypatch.setattr(compile_time, "cold_and_cached", lambda name, implementation: next(pairs))
     line = compile_time.repeated("mlp", 3)
-    assert (line["model"], line["repeats"], line["pause_gc"]) == ("mlp", 3, True)
-    assert "pause_gc_runs" not in line  # a setting of the whole run, not a figure of each
+    assert (line["model"], line["repeats"], line["implementation"]) == ("mlp", 3, "cpu")
     assert line["cold_first_step_compile_s"] == 5.0  # the median of 4, 9 and 5
     assert line["cold_first_step_compile_s_runs"] == [4.0, 9.0, 5.0]
     assert line["cached_first_step_compile_s"] == 1.25

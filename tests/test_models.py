@@ -350,7 +350,9 @@ def test_transformer_remat_gives_same_outputs_and_grads(small):
     logits, grads = outputs_and_grads(base)
     remat_logits, remat_grads = outputs_and_grads(base.clone(remat=True))
     np.testing.assert_allclose(remat_logits, logits, rtol=1e-6, atol=1e-6)
-    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), remat_grads, grads)
+    # Gradients of a sum of logits reach hundreds; remat changes XLA's order of float32 sums
+    # (1.5e-5 apart seen with JAX 0.7), while another dropout mask would differ by whole units.
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-4), remat_grads, grads)
 
 
 def test_transformer_scan_traces_one_block_whatever_the_depth():

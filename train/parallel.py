@@ -244,6 +244,7 @@ def compile_pmap(
         return jax.tree.map(lambda x: x[0], tree)
 
     per_device = NamedSharding(Mesh(np.array(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    replicated = NamedSharding(per_device.mesh, P())
 
     def replicate(tree):  # one copy per local device, stacked on a new leading axis
         return jax.tree.map(
@@ -260,7 +261,9 @@ def compile_pmap(
 
     def metrics_once(train_fn):
         def call(state, batch, rng):
-            state, sums = train_fn(state, batch, rng)
+            # The key on this pmap's devices: one laid out over the loop's jit mesh meets the
+            # state's mesh inside the step, which JAX 0.7 rejects in a scan over steps.
+            state, sums = train_fn(state, batch, jax.device_put(rng, replicated))
             return state, first(sums)
 
         return call

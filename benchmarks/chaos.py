@@ -7,8 +7,10 @@ process with SIGKILL up to `--kills` times (restarting it with the same command 
 too short for them all ends first: give it more steps), and compares the two: the final
 parameters bitwise, and metrics.jsonl row for row (every value but the timing,
 `train/steps_per_second`). Each kill lands at one of three kinds of moment, drawn in turn:
-a random time after the start, just as a checkpoint starts to be written (orbax's temporary
-folder appears), or just after a report was appended to metrics.jsonl. Prints what differed, if
+a random time after the start (a random fraction of the uninterrupted run's wall time, so the
+kills spread over start-up, compiling and training on a fast machine as on a slow one), just as a
+checkpoint starts to be written (orbax's temporary folder appears), or just after a report was
+appended to metrics.jsonl. Prints what differed, if
 anything, and one JSON line with the counts; exits 1 if anything differed.
 """
 
@@ -35,10 +37,13 @@ def command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[st
     return [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def run_to_end(arguments: list[str], log) -> None:
+def run_to_end(arguments: list[str], log) -> float:
+    """Runs `arguments` to the end; returns its wall time in seconds."""
+    start = time.monotonic()
     result = subprocess.run(arguments, cwd=REPO, stdout=log, stderr=log, timeout=3600)
     if result.returncode != 0:
         raise SystemExit(f"chaos: {' '.join(arguments)} failed with status {result.returncode}")
+    return time.monotonic() - start
 
 
 def wait_for(moment: str, workdir: pathlib.Path, process: subprocess.Popen, delay: float) -> bool:
@@ -64,16 +69,20 @@ def wait_for(moment: str, workdir: pathlib.Path, process: subprocess.Popen, dela
 
 
 def kill_and_restart(
-    arguments: list[str], workdir: pathlib.Path, kills: int, seed: int, log
+    arguments: list[str], workdir: pathlib.Path, kills: int, seed: int, log, span: float
 ) -> list[str]:
-    """Runs `arguments` to the end, SIGKILLing it `kills` times; returns the moments hit."""
+    """Runs `arguments` to the end, SIGKILLing it `kills` times; returns the moments hit.
+
+    `span` is the wall time of one uninterrupted run; random delays are fractions of it.
+    """
     rng = random.Random(seed)
     hit = []
     while len(hit) < kills:
         moment = MOMENTS[len(hit) % len(MOMENTS)]
         process = subprocess.Popen(arguments, cwd=REPO, stdout=log, stderr=log)
-        # Most of a restart is start-up and compiling; a random delay spreads the kills over it.
-        if wait_for(moment, workdir, process, delay=rng.uniform(0.5, 8.0)):
+        # A fraction of a whole run, which a restart (start-up, compiling, then at least one
+        # checkpoint's worth of steps) takes about as long as: the kill lands before it ends.
+        if wait_for(moment, workdir, process, delay=rng.uniform(0.1, 0.6) * span):
             process.send_signal(signal.SIGKILL)
             process.wait()
             hit.append(moment)
@@ -142,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     start = time.monotonic()
     with open(workdir / "chaos.log", "w") as log:
-        run_to_end(command(args.config, workdir / "reference", overrides), log)
+        span = run_to_end(command(args.config, workdir / "reference", overrides), log)
         arguments = command(args.config, workdir / "killed", overrides)
-        hit = kill_and_restart(arguments, workdir / "killed", args.kills, args.seed, log)
+        hit = kill_and_restart(arguments, workdir / "killed", args.kills, args.seed, log, span)
     found = differences(workdir / "reference", workdir / "killed")
     for line in found:
         print(line)

@@ -16,13 +16,19 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "lstm"
     config.model.num_layers = 2
+    # True: each sentence also read backwards (a second LSTM per layer, twice the time); with
+    # one layer and the dropouts below at 0.5/0.5/0.1 it reached 82.8%, not better.
+    config.model.bidirectional = False
     config.model.hidden_size = 256
     config.model.num_outputs = 2  # negative / positive
     config.model.vocab_size = 16384  # must be >= data.vocab_size
     config.model.embed_dim = 256
     config.model.head_sizes = (256,)  # Dense+relu layers between the last LSTM state and the logits
     config.model.per_step = False  # False: classify the sequence from its last real token
-    config.model.dropout_rate = 0.2
+    config.model.dropout_rate = 0.2  # on the LSTM's outputs
+    config.model.embedding_dropout_rate = 0.0  # on the word embeddings
+    config.model.word_dropout_rate = 0.0  # share of words replaced by <unk> in training
+    config.model.unk_id = 1  # the data layer's <unk>
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
 
@@ -50,10 +56,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 3000  # about 2.9 epochs of 67349 sentences at batch 64
-    config.train.log_every = 100
-    config.train.eval_every = 500
+    config.train.log_every = 50
+    config.train.eval_every = 250  # often: train.keep_best keeps the best evaluation
     config.train.checkpoint_every = 1000
     config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.keep_best = "eval/accuracy"  # the best step's params go to WORKDIR/best
     config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
     config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices

@@ -48,6 +48,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.eval_every = 1000
     config.train.checkpoint_every = 1000
     config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.keep_best = ""  # an eval metric, e.g. eval/accuracy: keep its best params
     config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
     config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices

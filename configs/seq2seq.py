@@ -12,6 +12,7 @@ Usage:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -32,7 +33,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "addition"  # generated: 100,000 training problems, held-out ones apart
-    config.data.data_dir = None  # TFDS data sets only: None is $TFDS_DATA_DIR or the default
+    # TFDS data sets only; None: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "validation"  # 1,000 problems never trained on
     config.data.batch_size = 128  # global: split over all devices and hosts
@@ -57,6 +59,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
     config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.keep_best = ""  # an eval metric, e.g. eval/accuracy: keep its best params
     config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
     config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices

@@ -18,9 +18,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "transformer"
-    config.model.vocab_size = (
-        65  # characters of the training text; must be >= the data's vocabulary
-    )
+    config.model.vocab_size = 65  # characters of the training text; >= the data's vocabulary
     config.model.num_layers = 4
     config.model.num_heads = 4
     config.model.width = 256
@@ -64,6 +62,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
     config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.keep_best = ""  # an eval metric, e.g. eval/accuracy: keep its best params
     config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
     config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices

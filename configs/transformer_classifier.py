@@ -9,6 +9,7 @@ Usage:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -35,7 +36,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "glue/sst2"
-    config.data.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    config.data.data_dir = config_dict.placeholder(str)
     config.data.train_split = "train"
     config.data.eval_split = "validation"  # the test split has no labels
     config.data.batch_size = 64  # global: split over all devices and hosts
@@ -60,6 +62,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.train.eval_every = 500
     config.train.checkpoint_every = 1000
     config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
+    config.train.keep_best = "eval/accuracy"  # the best step's params go to WORKDIR/best
     config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
     config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices

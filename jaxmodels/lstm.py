@@ -134,7 +134,15 @@ class LSTM(nn.Module):
       head_sizes: widths of the Dense + relu layers between the LSTM and the output layer.
       per_step: if True, predict at every step `[batch, seq_len, num_outputs]`; if False, predict
         once per sequence from the output at the last valid step, `[batch, num_outputs]`.
+      bidirectional: if True, every layer also runs a second LSTM (`lstm_{i}_backward`) over each
+        sequence reversed within its length, and the two outputs are concatenated; a sequence is
+        then classified from the forward output at its last token and the backward output at
+        its first. Sequence classification only (`per_step=False`).
       dropout_rate: dropout on the output of every LSTM layer (only when `train=True`).
+      embedding_dropout_rate: dropout on the embedded tokens, before the first layer.
+      word_dropout_rate: token models, training only: each non-padding token is replaced by
+        `unk_id` with this probability, so the classifier cannot lean on a few rare words.
+      unk_id: the id of the unknown-word token (the data layer's `<unk>`).
       dtype: computation dtype, 'float32' or 'bfloat16'; parameters and the cell states stay
         float32 and the logits are returned as float32.
       implementation: "standard", "cpu" or "auto" (see `LSTMLayer`).
@@ -147,7 +155,11 @@ class LSTM(nn.Module):
     embed_dim: int = 0
     head_sizes: Sequence[int] = ()
     per_step: bool = False
+    bidirectional: bool = False
     dropout_rate: float = 0.0
+    embedding_dropout_rate: float = 0.0
+    word_dropout_rate: float = 0.0
+    unk_id: int = 1
     dtype: str = "float32"
     implementation: str = "auto"
 
@@ -164,25 +176,55 @@ class LSTM(nn.Module):
           float32 logits, `[batch, seq_len, num_outputs]` if `per_step` else `[batch, num_outputs]`.
         """
         dtype = jnp.dtype(self.dtype)
+        if self.bidirectional and self.per_step:
+            raise ValueError("A bidirectional LSTM classifies whole sequences: set per_step=False.")
         if self.vocab_size > 0:
             if self.embed_dim <= 0:
                 raise ValueError(f"LSTM with vocab_size={self.vocab_size} needs embed_dim > 0")
             # A token model's sequence length is its number of non-padding tokens (padding at end).
             lengths = jnp.maximum(jnp.sum(x != 0, axis=1), 1)  # [batch]
+            if train and self.word_dropout_rate > 0:
+                drop = jax.random.bernoulli(
+                    self.make_rng("dropout"), self.word_dropout_rate, x.shape
+                )
+                x = jnp.where(drop & (x != 0), self.unk_id, x)  # [batch, seq_len]
             embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, name="embed")
             x = embed(x)  # [batch, seq_len, embed_dim]
+            x = nn.Dropout(self.embedding_dropout_rate, deterministic=not train)(x)
         else:
             lengths = jnp.full((x.shape[0],), x.shape[1])  # [batch]
+        # Position t of a sequence reversed within its length (padding stays at the end); the
+        # reversal is its own inverse.
+        positions = jnp.arange(x.shape[1])[None, :]  # [1, seq_len]
+        reverse = jnp.where(
+            positions < lengths[:, None], lengths[:, None] - 1 - positions, positions
+        )
+
+        def reversed_in_length(h: jax.Array) -> jax.Array:  # [batch, seq_len, features]
+            return jnp.take_along_axis(h, reverse[:, :, None], axis=1)
 
         for i in range(self.num_layers):
             layer = LSTMLayer(self.hidden_size, self.dtype, self.implementation, name=f"lstm_{i}")
-            x = layer(x)  # [batch, seq_len, hidden_size]
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            h = layer(x)  # [batch, seq_len, hidden_size]
+            if self.bidirectional:
+                backward = LSTMLayer(
+                    self.hidden_size, self.dtype, self.implementation, name=f"lstm_{i}_backward"
+                )
+                h_back = reversed_in_length(backward(reversed_in_length(x)))  # aligned with x
+                h = jnp.concatenate([h, h_back], axis=-1)  # [batch, seq_len, 2 * hidden_size]
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
         if not self.per_step:
-            # The LSTM is causal, so its output at step length - 1 has not seen the padding.
+            # The LSTM is causal, so its output at step length - 1 has not seen the padding; the
+            # backward one has read the whole sequence at step 0.
             last = (lengths - 1)[:, None, None]  # [batch, 1, 1]
-            x = jnp.take_along_axis(x, last, axis=1)[:, 0]  # [batch, hidden_size]
+            forward_last = jnp.take_along_axis(x, last, axis=1)[:, 0]  # [batch, features]
+            if self.bidirectional:
+                x = jnp.concatenate(
+                    [forward_last[:, : self.hidden_size], x[:, 0, self.hidden_size :]], axis=-1
+                )  # [batch, 2 * hidden_size]
+            else:
+                x = forward_last  # [batch, hidden_size]
         for i, size in enumerate(self.head_sizes):
             x = nn.relu(nn.Dense(size, dtype=dtype, name=f"head_{i}")(x))  # [..., size]
         logits = nn.Dense(self.num_outputs, dtype=dtype, name="logits")(x)

@@ -23,7 +23,17 @@ SLICES_DIR = _REPO / "tests" / "data" / "tfds"
 SHARED_DATA = _REPO.parent / "shared" / "data"  # CI has it; a fresh clone need not
 os.environ.setdefault("TFDS_DATA_DIR", str(SLICES_DIR))
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests build the same tiny configs' steps again (a reference run, then a stopped and a
+# resumed one): a persistent compilation cache for this test session, in a fresh directory so
+# no test reads another session's executables, compiles each once. In this process only; the
+# command-line runs the tests start use their configs' own cache settings.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxmodels-tests-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

@@ -203,6 +203,15 @@ PARAM_COUNTS = [
         id="lstm-tokens",
     ),
     pytest.param(
+        "lstm", dict(SMALL_FIELDS["lstm"], bidirectional=True), jnp.ones((1, 7), jnp.int32),
+        20 * 6  # embed
+        + 2 * (6 * 4 * H + H * 4 * H + 4 * H)  # lstm_0 and lstm_0_backward
+        + 2 * (2 * H * 4 * H + H * 4 * H + 4 * H)  # lstm_1 and its backward, on 2H features
+        + 2 * H * 5 + 5  # head_0 on both directions' H
+        + 5 * 3 + 3,  # logits
+        id="lstm-bidirectional",
+    ),
+    pytest.param(
         "lstm", dict(FEATURE_LSTM_FIELDS, per_step=True),
         jnp.zeros((1, 5, 3)),
         3 * 4 * H + H * 4 * H + 4 * H  # lstm_0 on 3 features
@@ -455,6 +464,50 @@ def test_lstm_classifier_uses_only_valid_tokens(small):
     assert not np.allclose(new_logits[1], logits[1])
 
 
+@pytest.mark.parametrize("implementation", ["standard", "cpu"])
+def test_bidirectional_lstm_reads_each_sentence_both_ways_and_ignores_padding(implementation):
+    model = build_model("lstm", **dict(SMALL_FIELDS["lstm"], bidirectional=True,
+                                       implementation=implementation))  # fmt: skip
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # lengths 5 and 3
+    variables = model.init(key(0), tokens, train=False)
+    logits = model.apply(variables, tokens, train=False)  # [2, 3]
+    more_padding = jnp.pad(tokens, ((0, 0), (0, 4)))  # [2, 11]
+    np.testing.assert_allclose(model.apply(variables, more_padding, train=False), logits, atol=1e-5)
+    # The backward direction alone: a change to the first token still moves the pooled
+    # backward half, and a reversed sentence swaps the two halves' inputs.
+    backward = variables["params"]["lstm_0_backward"]
+    assert backward["input_kernel"].shape == (6, 4 * 8)
+    for t in (0, 2):  # the first and the last valid token of the second sentence both count
+        changed = model.apply(variables, tokens.at[1, t].set(8), train=False)
+        assert not np.allclose(changed[1], logits[1]), t
+    np.testing.assert_allclose(changed[0], logits[0], atol=1e-6)  # the other sentence is alone
+
+
+def test_word_dropout_replaces_only_real_tokens_by_unk_in_training():
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 6, 0, 0, 0, 0]])
+    plain = build_model("lstm", **SMALL_FIELDS["lstm"])
+    variables = plain.init(key(0), tokens, train=False)  # word dropout adds no parameters
+
+    def logits(rate, x, train, seed=3):
+        model = build_model("lstm", **dict(SMALL_FIELDS["lstm"], word_dropout_rate=rate))
+        return model.apply(variables, x, train=train, rngs={"dropout": key(seed)})
+
+    # Evaluation is untouched.
+    np.testing.assert_array_equal(
+        logits(0.5, tokens, False), plain.apply(variables, tokens, train=False)
+    )
+    # At rate 1 every real token is <unk> (1) and the padding stays padding.
+    all_unk = jnp.where(tokens != 0, 1, 0)
+    np.testing.assert_allclose(
+        logits(1.0, tokens, True), plain.apply(variables, all_unk, train=False), atol=1e-6
+    )
+    # At rate 0.5 the result is neither, and it changes with the dropout key.
+    half = logits(0.5, tokens, True)
+    assert not np.allclose(half, plain.apply(variables, tokens, train=False))
+    assert not np.allclose(half, plain.apply(variables, all_unk, train=False))
+    assert not np.allclose(half, logits(0.5, tokens, True, seed=4))
+
+
 def test_lstm_under_pmap_and_grad(small):
     model = small("lstm")
     tokens = random_tokens(1, (4, 2, 7), vocab_size=20)  # [devices, batch, seq_len]
@@ -485,6 +538,19 @@ def test_dropout(name, small):
     # Evaluation needs no rng and is deterministic: it matches the model without dropout.
     np.testing.assert_array_equal(
         apply(base.variables, x, train=False), base.apply(base.variables, x, train=False)
+    )
+
+
+def test_lstm_embedding_dropout(small):
+    name = "lstm"
+    base = small(name)
+    model = base.model.clone(embedding_dropout_rate=0.5)  # same parameters as the base model
+    x = example_input(name)
+    first = model.apply(base.variables, x, train=True, rngs={"dropout": key(1)})
+    second = model.apply(base.variables, x, train=True, rngs={"dropout": key(2)})
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(
+        model.apply(base.variables, x, train=False), base.apply(base.variables, x, train=False)
     )
 
 

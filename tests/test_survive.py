@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import struct
 import subprocess
@@ -143,23 +144,33 @@ def cli(workdir, *overrides):
 
 
 def test_a_second_run_on_the_same_workdir_stops_at_once_and_harms_nothing(tmp_path):
-    first = cli(tmp_path, "--config.train.num_steps=400", "--config.train.log_every=10")
+    # The first run is far longer than the test: SIGTERM ends it once the second has been
+    # refused, so no machine is fast enough to finish it before the second one starts.
+    first = cli(tmp_path, "--config.train.num_steps=1000000", "--config.train.log_every=10",
+                "--config.train.checkpoint_every=1000000")  # fmt: skip
     deadline = time.monotonic() + 120
     while not (tmp_path / "metrics.jsonl").exists():
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
-    second = cli(tmp_path, "--config.train.num_steps=400", "--config.train.log_every=10")
+    second = cli(tmp_path, "--config.train.num_steps=1000000", "--config.train.log_every=10")
     _, stderr = second.communicate(timeout=120)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert second.returncode == 2 and len(errors) == 1, stderr[-2000:]
     assert f"is in use by another run (pid {first.pid} on " in errors[0]
+    assert first.poll() is None  # the refusal did not touch the first run
+    first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
+    stopped = re.search(r"Stopped by SIGTERM after step (\d+)", stderr)
+    assert stopped, stderr[-2000:]
+    last = int(stopped.group(1))
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
-    assert steps == list(range(10, 401, 10))
+    assert steps == list(range(10, last + 1, 10))  # every report once, none from the second
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {str(last)}
     # A killed run's lock goes with it: the next run on the workdir starts.
-    killed = cli(tmp_path / "killed", "--config.train.num_steps=400")
+    killed = cli(tmp_path / "killed", "--config.train.num_steps=1000000")
     while not (tmp_path / "killed" / ".lock").exists():
+        assert killed.poll() is None, killed.communicate()
         time.sleep(0.05)
     killed.kill()
     killed.wait()

@@ -33,6 +33,48 @@ def make_manager(directory: pathlib.Path, *, keep: int) -> ocp.CheckpointManager
     )
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of `metric` is better: losses and perplexities, not accuracies."""
+    return metric.endswith("loss") or metric.endswith("perplexity")
+
+
+def make_best_manager(directory: pathlib.Path, metric: str) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping only the parameters of the step with the best `metric`.
+
+    orbax keeps the best step by the metrics saved with each step (their metadata), so a resumed
+    run goes on comparing against the best of the steps before the stop.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda scalars: scalars[metric],
+        best_mode="min" if lower_is_better(metric) else "max",
+        create=True,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    )
+
+
+def save_best(
+    manager: ocp.CheckpointManager, step: int, params: Any, scalars: dict[str, float]
+) -> None:
+    """Offers step `step`'s parameters to `manager` (`make_best_manager`) with its metrics.
+
+    The same layout as a run's checkpoints (`<step>/state` holding `params`), so `train.trained`
+    reads both alike. A step already there (a resumed run repeating an evaluation) is skipped.
+    """
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})),
+        metrics={name: float(value) for name, value in scalars.items()},
+    )
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any) -> None:
     """Starts an async save of `state` (a pytree of global arrays) and the data iterator's position.
 

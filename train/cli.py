@@ -26,3 +26,13 @@ def fail(error: BaseException | str, status: int = 2):
     text = error if isinstance(error, str) else (str(error.args[0]) if error.args else repr(error))
     print(f"error: {' '.join(text.split())}", file=sys.stderr)
     sys.exit(status)
+
+
+def checkpoint_step(text: str) -> int | str:
+    """A `--step` value: a checkpoint's step number, or "best" (a run with train.keep_best)."""
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a step number nor 'best'") from None

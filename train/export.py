@@ -149,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--workdir", required=True, help="A run's workdir (python -m train).")
     parser.add_argument("--out", help="Output file (default: WORKDIR/export/model.jaxexport).")
-    parser.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+    parser.add_argument(
+        "--step",
+        type=cli.checkpoint_step,
+        help="Checkpoint step, or 'best' (train.keep_best) (default: the newest).",
+    )
     parser.add_argument(
         "--platforms", help="Comma-separated: cpu, cuda, rocm, tpu (default: this backend)."
     )

@@ -102,7 +102,7 @@ def train_and_evaluate(
     if is_chief:
         check_workdir_model(config, workdir)
     lock = WorkdirLock(workdir) if is_chief else None
-    manager = writer = None
+    manager = writer = best = None
     try:
         if is_chief:
             write_config(config, workdir)
@@ -113,6 +113,8 @@ def train_and_evaluate(
         manager = checkpoint.make_manager(
             workdir / "checkpoints", keep=config.train.checkpoint_keep
         )
+        if keep_best(config.train):  # the parameters of the best evaluation, in WORKDIR/best
+            best = checkpoint.make_best_manager(workdir / "best", keep_best(config.train))
         had_checkpoints = bool(manager.all_steps())
         train_iter = new_train_iterator(config, on_device)
         start_step, state, step_rng, window = restore_run(manager, state, step_rng, train_iter)
@@ -135,6 +137,7 @@ def train_and_evaluate(
                 lambda: stop_requested(received),
                 window=window,
                 profile_dir=workdir / "profile",
+                best=best,
             )
         if last_step < config.train.num_steps:
             manager.wait_until_finished()
@@ -153,6 +156,10 @@ def train_and_evaluate(
         if manager is not None:
             manager.wait_until_finished()  # a save in flight must reach the disk, even on error
             manager.close()
+        if best is not None:
+            best.wait_until_finished()
+            log_best(best, keep_best(config.train))
+            best.close()
         if writer is not None:
             writer.close()
         if lock is not None:
@@ -167,11 +174,37 @@ def train_and_evaluate(
     return state, scalars
 
 
+def keep_best(train_config: ml_collections.ConfigDict) -> str:
+    """`train.keep_best`: the eval metric whose best step's parameters are kept, or ""."""
+    return train_config.get("keep_best", "")  # configs written before the field have none
+
+
+def check_best_metric(metric: str, scalars: dict[str, float]) -> None:
+    if metric not in scalars:
+        known = sorted(k for k in scalars if k.startswith("eval/"))
+        raise ValueError(
+            f"train.keep_best={metric!r} is not an evaluation metric of this run; known: {known}."
+        )
+
+
+def log_best(best: Any, metric: str) -> None:
+    step = best.best_step()
+    if step is not None:
+        logging.info("Kept the parameters of step %d, the best %s, in %s.", step, metric,
+                     best.directory)  # fmt: skip
+
+
 def check_train_config(config: ml_collections.ConfigDict) -> None:
     """One-line errors for `config.train` values the loop cannot run with."""
     check_batch_size(config)
     check_step_counts(config.train)
     get_steps_per_call(config.train)
+    metric = keep_best(config.train)
+    if metric and not (isinstance(metric, str) and metric.startswith("eval/")):
+        raise ValueError(
+            f"train.keep_best must be an evaluation metric such as 'eval/accuracy' or 'eval/loss' "
+            f"(or '' to keep none), got {metric!r}; set --config.train.keep_best."
+        )
     if config.train.parallelism not in ("jit", "pmap"):
         raise ValueError(
             f"Unknown train.parallelism {config.train.parallelism!r}; use 'jit' or 'pmap'."
@@ -467,6 +500,7 @@ def run_steps(
     should_stop,
     window: ReportWindow | None = None,
     profile_dir: pathlib.Path | None = None,
+    best: Any = None,
 ) -> tuple[TrainState, dict[str, float], int]:
     """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
 
@@ -474,6 +508,7 @@ def run_steps(
     checkpoint, once `should_stop()` is true (checked after every call: every step, or every
     `train.steps_per_call` steps). With `train.profile_steps` > 0, steps
     `train.profile_first_step` onwards are recorded by JAX's profiler into `profile_dir`.
+    With a `best` manager (`train.keep_best`), every evaluation offers the parameters to it.
     """
     trace = StepTrace(config.train, profile_dir)
     window = ReportWindow.new(start_step) if window is None else window
@@ -519,6 +554,10 @@ def run_steps(
             scalars["train/learning_rate"] = float(schedule(step - 1))
             if step % config.train.eval_every == 0 or is_last:
                 scalars.update(evaluate(compiled, run_state, config))
+                if best is not None:
+                    check_best_metric(keep_best(config.train), scalars)
+                    params = compiled.from_run(run_state).params
+                    checkpoint.save_best(best, step, params, scalars)
             if writer:
                 writer.write(step, scalars)
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)

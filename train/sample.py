@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels import Seq2Seq, Transformer
+from train import cli
 
 ApplyFn = Callable[..., Any]
 
@@ -320,19 +321,11 @@ def translate(
 # --- The command line -----------------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but bad arguments end with one line on stderr and exit status 2."""
-
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m train.sample",
         description="Samples text from a language-model run, or translates with a seq2seq run, "
-        "using the newest checkpoint in --workdir.",
+        "using the newest checkpoint in --workdir (or --step).",
     )
     parser.add_argument("--workdir", required=True, help="the run's directory (config.json)")
     parser.add_argument("--prompt", default="\n", help="text to continue, or to translate")
@@ -344,6 +337,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass kept; 1: all")
     parser.add_argument("--num_samples", type=int, default=1, help="samples drawn at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--step",
+        type=cli.checkpoint_step,
+        help="checkpoint step, or 'best' (train.keep_best); default: the newest",
+    )
     parser.add_argument(
         "--no_cache",
         action="store_true",
@@ -360,7 +358,7 @@ def generate(args: argparse.Namespace) -> str:
 
     if args.length < 1 or args.num_samples < 1:
         raise ValueError("--length and --num_samples must be at least 1.")
-    run = trained.load(args.workdir)  # config.json, and the newest checkpoint's parameters
+    run = trained.load(args.workdir, args.step)  # config.json, and a checkpoint's parameters
     config, params, info, step = run.config, run.params, run.info, run.step
     seq2seq = isinstance(info, translation.Seq2SeqInfo)
     temperature = args.temperature

@@ -44,8 +44,9 @@ class Trained:
     step: int
 
 
-def load(workdir: str | pathlib.Path, step: int | None = None) -> Trained:
-    """Loads the run in `workdir` at checkpoint `step` (None: the newest).
+def load(workdir: str | pathlib.Path, step: int | str | None = None) -> Trained:
+    """Loads the run in `workdir` at checkpoint `step` (None: the newest; "best": the step of
+    the best evaluation, which a run with `train.keep_best` keeps in WORKDIR/best).
 
     Raises:
       FileNotFoundError: no config.json, no checkpoint, or no checkpoint `step` in `workdir`.
@@ -88,14 +89,26 @@ def _lists_to_tuples(value: Any) -> Any:
 
 
 def restore_params(
-    workdir: pathlib.Path, config: ml_collections.ConfigDict, model: nn.Module, step: int | None
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    step: int | str | None,
 ) -> tuple[int, Any]:
-    """(step, params) of checkpoint `step` (None: the newest) in `workdir`/checkpoints.
+    """(step, params) of checkpoint `step` (None: the newest) in `workdir`/checkpoints, or of
+    the kept best step in `workdir`/best for `step="best"`.
 
     The target is the model's parameter shapes (from `jax.eval_shape`, nothing computed), placed
     on the default device whatever devices wrote them; the rest of the state stays on disk.
     """
     directory = (workdir / "checkpoints").absolute()
+    if step == "best":
+        directory = (workdir / "best").absolute()
+        step = None
+        if not _checkpoint_steps(directory):
+            raise FileNotFoundError(
+                f"No best checkpoint in {directory}; train with --config.train.keep_best="
+                f"eval/accuracy (or another eval metric) to keep one."
+            )
     steps = _checkpoint_steps(directory)
     if not steps:
         raise FileNotFoundError(

@@ -6,11 +6,14 @@ that need the full data sets use the `shared_data_dir` fixture, ../shared/data's
 and are skipped where there is none.
 """
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Must happen before jax is imported anywhere: multi-device tests (jit vs pmap) need 4 devices.
 os.environ["XLA_FLAGS"] = (
@@ -23,8 +26,6 @@ SLICES_DIR = _REPO / "tests" / "data" / "tfds"
 SHARED_DATA = _REPO.parent / "shared" / "data"  # CI has it; a fresh clone need not
 os.environ.setdefault("TFDS_DATA_DIR", str(SLICES_DIR))
 
-import tempfile  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -32,7 +33,9 @@ import pytest  # noqa: E402
 # resumed one): a persistent compilation cache for this test session, in a fresh directory so
 # no test reads another session's executables, compiles each once. In this process only; the
 # command-line runs the tests start use their configs' own cache settings.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxmodels-tests-xla-"))
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="jaxmodels-tests-xla-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -190,8 +190,8 @@ def check_best_metric(metric: str, scalars: dict[str, float]) -> None:
 def log_best(best: Any, metric: str) -> None:
     step = best.best_step()
     if step is not None:
-        logging.info("Kept the parameters of step %d, the best %s, in %s.", step, metric,
-                     best.directory)  # fmt: skip
+        where = best.directory
+        logging.info("Kept the parameters of step %d, the best %s, in %s.", step, metric, where)
 
 
 def check_train_config(config: ml_collections.ConfigDict) -> None:

@@ -100,16 +100,15 @@ def restore_params(
     The target is the model's parameter shapes (from `jax.eval_shape`, nothing computed), placed
     on the default device whatever devices wrote them; the rest of the state stays on disk.
     """
-    directory = (workdir / "checkpoints").absolute()
-    if step == "best":
-        directory = (workdir / "best").absolute()
-        step = None
-        if not _checkpoint_steps(directory):
-            raise FileNotFoundError(
-                f"No best checkpoint in {directory}; train with --config.train.keep_best="
-                f"eval/accuracy (or another eval metric) to keep one."
-            )
+    best = step == "best"
+    directory = (workdir / ("best" if best else "checkpoints")).absolute()
+    step = None if best else step
     steps = _checkpoint_steps(directory)
+    if not steps and best:
+        raise FileNotFoundError(
+            f"No best checkpoint in {directory}; train with --config.train.keep_best="
+            f"eval/accuracy (or another eval metric) to keep one."
+        )
     if not steps:
         raise FileNotFoundError(
             f"No checkpoint in {directory}; train first (python -m train ... --workdir={workdir})."

@@ -24,7 +24,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.vocab_size = 16384  # must be >= data.vocab_size
     config.model.embed_dim = 256
     config.model.head_sizes = (256,)  # Dense+relu layers between the last LSTM state and the logits
-    config.model.per_step = False  # False: classify the sequence from its last real token
+    config.model.per_step = False  # False: one prediction per sentence, from `pooling`
+    config.model.pooling = "last"  # last | max | mean: the LSTM outputs the classifier reads
     config.model.dropout_rate = 0.2  # on the LSTM's outputs
     config.model.embedding_dropout_rate = 0.0  # on the word embeddings
     config.model.word_dropout_rate = 0.0  # share of words replaced by <unk> in training

@@ -29,6 +29,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # SST-2's 67k training phrases are learnt by heart within two epochs (94% train accuracy):
     # dropout and weight decay hold validation accuracy at 80-81.5% from the first epoch on.
     config.model.dropout_rate = 0.5
+    config.model.word_dropout_rate = 0.0  # share of words replaced by <unk> in training
+    config.model.unk_id = 1  # the data layer's <unk>
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
     config.model.scan_layers = False  # True: one scanned layer, compile time flat in depth

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels import tuned
+from jaxmodels.tokens import word_dropout
 
 Carry = tuple[jax.Array, jax.Array]  # (c, h), each [batch, hidden_size]; c float32, h in dtype
 
@@ -133,11 +134,13 @@ class LSTM(nn.Module):
       embed_dim: embedding size; must be > 0 when `vocab_size > 0`.
       head_sizes: widths of the Dense + relu layers between the LSTM and the output layer.
       per_step: if True, predict at every step `[batch, seq_len, num_outputs]`; if False, predict
-        once per sequence from the output at the last valid step, `[batch, num_outputs]`.
+        once per sequence, `[batch, num_outputs]`, from the outputs that `pooling` picks.
+      pooling: how a sequence classifier reduces the last layer's outputs over its valid steps:
+        "last" (the output at the last token), "max" (each feature's maximum) or "mean".
       bidirectional: if True, every layer also runs a second LSTM (`lstm_{i}_backward`) over each
         sequence reversed within its length, and the two outputs are concatenated; a sequence is
-        then classified from the forward output at its last token and the backward output at
-        its first. Sequence classification only (`per_step=False`).
+        then classified, with `pooling="last"`, from the forward output at its last token and
+        the backward output at its first. Sequence classification only (`per_step=False`).
       dropout_rate: dropout on the output of every LSTM layer (only when `train=True`).
       embedding_dropout_rate: dropout on the embedded tokens, before the first layer.
       word_dropout_rate: token models, training only: each non-padding token is replaced by
@@ -155,6 +158,7 @@ class LSTM(nn.Module):
     embed_dim: int = 0
     head_sizes: Sequence[int] = ()
     per_step: bool = False
+    pooling: str = "last"
     bidirectional: bool = False
     dropout_rate: float = 0.0
     embedding_dropout_rate: float = 0.0
@@ -178,16 +182,15 @@ class LSTM(nn.Module):
         dtype = jnp.dtype(self.dtype)
         if self.bidirectional and self.per_step:
             raise ValueError("A bidirectional LSTM classifies whole sequences: set per_step=False.")
+        if self.pooling not in ("last", "max", "mean"):
+            raise ValueError(f"Unknown LSTM pooling {self.pooling!r}; use last, max or mean.")
         if self.vocab_size > 0:
             if self.embed_dim <= 0:
                 raise ValueError(f"LSTM with vocab_size={self.vocab_size} needs embed_dim > 0")
             # A token model's sequence length is its number of non-padding tokens (padding at end).
             lengths = jnp.maximum(jnp.sum(x != 0, axis=1), 1)  # [batch]
             if train and self.word_dropout_rate > 0:
-                drop = jax.random.bernoulli(
-                    self.make_rng("dropout"), self.word_dropout_rate, x.shape
-                )
-                x = jnp.where(drop & (x != 0), self.unk_id, x)  # [batch, seq_len]
+                x = word_dropout(self.make_rng("dropout"), x, self.word_dropout_rate, self.unk_id)
             embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype, name="embed")
             x = embed(x)  # [batch, seq_len, embed_dim]
             x = nn.Dropout(self.embedding_dropout_rate, deterministic=not train)(x)
@@ -215,17 +218,26 @@ class LSTM(nn.Module):
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
         if not self.per_step:
-            # The LSTM is causal, so its output at step length - 1 has not seen the padding; the
-            # backward one has read the whole sequence at step 0.
-            last = (lengths - 1)[:, None, None]  # [batch, 1, 1]
-            forward_last = jnp.take_along_axis(x, last, axis=1)[:, 0]  # [batch, features]
-            if self.bidirectional:
-                x = jnp.concatenate(
-                    [forward_last[:, : self.hidden_size], x[:, 0, self.hidden_size :]], axis=-1
-                )  # [batch, 2 * hidden_size]
-            else:
-                x = forward_last  # [batch, hidden_size]
+            x = self._pool(x, lengths)  # [batch, features]
         for i, size in enumerate(self.head_sizes):
             x = nn.relu(nn.Dense(size, dtype=dtype, name=f"head_{i}")(x))  # [..., size]
         logits = nn.Dense(self.num_outputs, dtype=dtype, name="logits")(x)
         return logits.astype(jnp.float32)  # [..., num_outputs]
+
+    def _pool(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Reduces `[batch, seq_len, features]` over each sequence's first `lengths` steps."""
+        valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]  # [batch, seq, 1]
+        if self.pooling == "max":
+            return jnp.where(valid, x, -jnp.inf).max(axis=1)  # every sequence has >= 1 step
+        if self.pooling == "mean":
+            # In float32: a bfloat16 sum over the sequence would round at every addition.
+            total = jnp.where(valid, x.astype(jnp.float32), 0.0).sum(axis=1)
+            return (total / lengths[:, None]).astype(x.dtype)
+        # The LSTM is causal, so its output at step length - 1 has not seen the padding; the
+        # backward one has read the whole sequence at step 0.
+        last = (lengths - 1)[:, None, None]  # [batch, 1, 1]
+        forward_last = jnp.take_along_axis(x, last, axis=1)[:, 0]  # [batch, features]
+        if not self.bidirectional:
+            return forward_last  # [batch, hidden_size]
+        backward_first = x[:, 0, self.hidden_size :]
+        return jnp.concatenate([forward_last[:, : self.hidden_size], backward_first], axis=-1)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels import tuned
+from jaxmodels.tokens import word_dropout
 
 
 def cache_position(module: nn.Module, length: int) -> jax.Array | int:
@@ -190,6 +191,9 @@ class Transformer(nn.Module):
       causal: decoder (True) or encoder (False).
       num_classes: classifier outputs for the encoder; 0 for the decoder.
       dropout_rate: dropout on residual branches (only when `train=True`).
+      word_dropout_rate: encoder classifier, training only: each non-padding token is replaced
+        by `unk_id` with this probability (`jaxmodels.tokens.word_dropout`).
+      unk_id: the id of the unknown-word token (the data layer's `<unk>`).
       dtype: computation dtype; parameters stay float32 and the logits are returned as float32.
       scan_layers: run the blocks as one `nn.scan` with stacked parameters (see above).
       remat: recompute each block's activations in the backward pass instead of storing them
@@ -208,6 +212,8 @@ class Transformer(nn.Module):
     causal: bool = True
     num_classes: int = 0
     dropout_rate: float = 0.0
+    word_dropout_rate: float = 0.0
+    unk_id: int = 1
     dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
@@ -237,8 +243,14 @@ class Transformer(nn.Module):
         seq_len = tokens.shape[1]
         if seq_len > self.max_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len}")
+        if self.causal and self.word_dropout_rate:
+            raise ValueError("word_dropout_rate is for the encoder classifier (causal=False)")
         dtype = jnp.dtype(self.dtype)
 
+        not_pad = tokens != 0  # [batch, seq_len]; padding as the data had it
+        if train and self.word_dropout_rate > 0:
+            rng = self.make_rng("dropout")
+            tokens = word_dropout(rng, tokens, self.word_dropout_rate, self.unk_id)
         embed_init = nn.initializers.normal(stddev=0.02)  # GPT-2 style small embeddings
         x = nn.Embed(
             self.vocab_size, self.width, dtype=dtype, embedding_init=embed_init, name="token_embed"
@@ -252,7 +264,6 @@ class Transformer(nn.Module):
         if self.causal:
             mask = None  # attention applies its own causal mask
         else:
-            not_pad = tokens != 0  # [batch, seq_len]
             mask = not_pad[:, None, None, :]  # [batch, 1, 1, k]: no query attends to padding
 
         x = self._blocks(x, mask, train, decode)  # [batch, seq_len, width]

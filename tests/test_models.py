@@ -240,6 +240,19 @@ PARAM_COUNTS = [
         + D * 3 + 3,  # classifier
         id="transformer-encoder",
     ),
+    pytest.param(
+        "transformer",  # the model of configs/transformer.py:small
+        dict(vocab_size=65, num_layers=4, num_heads=4, width=128, mlp_dim=512, max_len=64),
+        jnp.ones((1, 64), jnp.int32),
+        65 * 128 + 64 * 128  # token_embed 8320, pos_embed 8192
+        + 4 * (
+            2 * 128 + 128 * 384 + 384  # attention LayerNorm, qkv = 49792
+            + 128 * 128 + 128  # out = 16512
+            + 2 * 128 + 128 * 512 + 512 + 512 * 128 + 128  # MLP LayerNorm, in, out = 131968
+        )  # 198272 a block
+        + 2 * 128 + 128 * 65 + 65,  # final LayerNorm, lm_head = 8641; total 818241
+        id="transformer-small-config",
+    ),
 ]  # fmt: skip
 
 
@@ -483,13 +496,16 @@ def test_bidirectional_lstm_reads_each_sentence_both_ways_and_ignores_padding(im
     np.testing.assert_allclose(changed[0], logits[0], atol=1e-6)  # the other sentence is alone
 
 
-def test_word_dropout_replaces_only_real_tokens_by_unk_in_training():
+@pytest.mark.parametrize(
+    "name,fields", [("lstm", SMALL_FIELDS["lstm"]), ("transformer", ENCODER_FIELDS)]
+)
+def test_word_dropout_replaces_only_real_tokens_by_unk_in_training(name, fields):
     tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 6, 0, 0, 0, 0]])
-    plain = build_model("lstm", **SMALL_FIELDS["lstm"])
+    plain = build_model(name, **fields)
     variables = plain.init(key(0), tokens, train=False)  # word dropout adds no parameters
 
     def logits(rate, x, train, seed=3):
-        model = build_model("lstm", **dict(SMALL_FIELDS["lstm"], word_dropout_rate=rate))
+        model = build_model(name, **dict(fields, word_dropout_rate=rate))
         return model.apply(variables, x, train=train, rngs={"dropout": key(seed)})
 
     # Evaluation is untouched.
@@ -571,3 +587,51 @@ def test_build_model_unknown_field():
 def test_build_model_returns_configured_module():
     model = build_model("cnn", num_classes=7)
     assert isinstance(model, MODELS["cnn"]) and model.num_classes == 7
+
+
+@pytest.mark.parametrize("pooling", ["last", "max", "mean"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lstm_pooling_reduces_the_last_layer_over_valid_steps_only(pooling, bidirectional):
+    fields = dict(SMALL_FIELDS["lstm"], head_sizes=(), pooling=pooling, bidirectional=bidirectional)
+    model = build_model("lstm", **fields)
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 6, 0, 0, 0, 0]])  # lengths 5 and 3
+    variables = model.init(key(0), tokens, train=False)
+    logits, state = model.apply(
+        variables, tokens, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    layers = state["intermediates"]
+    h = layers["lstm_1"]["__call__"][0]  # [2, 7, 8]: the last layer's outputs
+    if bidirectional:
+        back = layers["lstm_1_backward"]["__call__"][0]  # on each sentence reversed in length
+        back = jnp.stack([jnp.concatenate([b[:n][::-1], b[n:]]) for b, n in zip(back, (5, 3))])
+        h = jnp.concatenate([h, back], axis=-1)  # [2, 7, 16]
+    pooled = []
+    for h_i, n in zip(np.asarray(h), (5, 3)):
+        valid = h_i[:n]  # the steps of real tokens
+        if pooling == "max":
+            pooled.append(valid.max(axis=0))
+        elif pooling == "mean":
+            pooled.append(valid.mean(axis=0))
+        elif bidirectional:  # forward at the last token, backward at the first
+            pooled.append(np.concatenate([valid[-1, :8], valid[0, 8:]]))
+        else:
+            pooled.append(valid[-1])
+    dense = variables["params"]["logits"]
+    expected = np.stack(pooled) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    # Padding never enters: outputs at padded steps are not zero, so a pool over them would move.
+    assert np.abs(np.asarray(h)[1, 3:]).min() > 0
+    more_padding = jnp.pad(tokens, ((0, 0), (0, 4)))
+    np.testing.assert_allclose(model.apply(variables, more_padding, train=False), logits, atol=1e-6)
+
+
+def test_lstm_pooling_name_is_checked():
+    model = build_model("lstm", **dict(SMALL_FIELDS["lstm"], pooling="attention"))
+    with pytest.raises(ValueError, match="Unknown LSTM pooling 'attention'; use last, max or mean"):
+        model.init(key(0), jnp.ones((1, 4), jnp.int32), train=False)
+
+
+def test_word_dropout_is_refused_for_the_decoder_lm():
+    model = build_model("transformer", **dict(SMALL_FIELDS["transformer"], word_dropout_rate=0.1))
+    with pytest.raises(ValueError, match="word_dropout_rate is for the encoder classifier"):
+        model.init(key(0), jnp.ones((1, 4), jnp.int32), train=False)

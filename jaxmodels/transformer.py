@@ -172,7 +172,7 @@ class Transformer(nn.Module):
     - Decoder LM (`causal=True`, `num_classes=0`): causal attention, final LayerNorm, and an LM
       head, giving next-token logits `[batch, seq_len, vocab_size]`.
     - Encoder classifier (`causal=False`, `num_classes > 0`): token id 0 is padding and is
-      masked out of attention and of the mean pool; returns `[batch, num_classes]`.
+      masked out of attention and of the pool over positions; returns `[batch, num_classes]`.
 
     The blocks are `block_0`, `block_1`, ... or, with `scan_layers=True`, one `nn.scan` over a
     single block whose parameters are stacked along a leading `num_layers` axis under
@@ -190,6 +190,7 @@ class Transformer(nn.Module):
       max_len: longest supported sequence (size of the learned position embedding).
       causal: decoder (True) or encoder (False).
       num_classes: classifier outputs for the encoder; 0 for the decoder.
+      pooling: encoder classifier: "mean" or "max" of the final outputs over non-padding positions.
       dropout_rate: dropout on residual branches (only when `train=True`).
       word_dropout_rate: encoder classifier, training only: each non-padding token is replaced
         by `unk_id` with this probability (`jaxmodels.tokens.word_dropout`).
@@ -211,6 +212,7 @@ class Transformer(nn.Module):
     max_len: int
     causal: bool = True
     num_classes: int = 0
+    pooling: str = "mean"
     dropout_rate: float = 0.0
     word_dropout_rate: float = 0.0
     unk_id: int = 1
@@ -245,6 +247,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds max_len={self.max_len}")
         if self.causal and self.word_dropout_rate:
             raise ValueError("word_dropout_rate is for the encoder classifier (causal=False)")
+        if self.pooling not in ("mean", "max"):
+            raise ValueError(f"Unknown Transformer pooling {self.pooling!r}; use mean or max.")
         dtype = jnp.dtype(self.dtype)
 
         not_pad = tokens != 0  # [batch, seq_len]; padding as the data had it
@@ -272,10 +276,14 @@ class Transformer(nn.Module):
         if self.causal:
             logits = nn.Dense(self.vocab_size, dtype=dtype, name="lm_head")(x)
             return logits.astype(jnp.float32)  # [batch, seq_len, vocab_size]
-        # Mean over non-padding positions; padded positions still hold values, so zero them first.
-        # Pooled in float32: a bfloat16 sum over the sequence would round at every addition.
-        weights = not_pad[..., None].astype(jnp.float32)  # [batch, seq_len, 1]
-        pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)  # [batch, width]
+        valid = not_pad[..., None]  # [batch, seq_len, 1]; padded positions still hold values
+        if self.pooling == "max":
+            pooled = jnp.where(valid, x, -jnp.inf).max(axis=1)  # [batch, width]
+            pooled = jnp.where(valid.any(axis=1), pooled, 0.0)  # an all-padding row pools to 0
+        else:
+            # Pooled in float32: a bfloat16 sum over the sequence would round at every addition.
+            weights = valid.astype(jnp.float32)
+            pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
         logits = nn.Dense(self.num_classes, dtype=dtype, name="classifier")(pooled)
         return logits.astype(jnp.float32)  # [batch, num_classes]
 

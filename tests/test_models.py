@@ -635,3 +635,26 @@ def test_word_dropout_is_refused_for_the_decoder_lm():
     model = build_model("transformer", **dict(SMALL_FIELDS["transformer"], word_dropout_rate=0.1))
     with pytest.raises(ValueError, match="word_dropout_rate is for the encoder classifier"):
         model.init(key(0), jnp.ones((1, 4), jnp.int32), train=False)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_encoder_pooling_reduces_the_final_outputs_over_real_tokens_only(pooling):
+    model = build_model("transformer", **dict(ENCODER_FIELDS, pooling=pooling))
+    tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 6, 0, 0, 0, 0]])  # lengths 5 and 3
+    variables = model.init(key(0), tokens, train=False)
+    logits, state = model.apply(
+        variables, tokens, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    x = np.asarray(state["intermediates"]["final_norm"]["__call__"][0])  # [2, 7, 8]
+    reduce = np.max if pooling == "max" else np.mean
+    pooled = np.stack([reduce(x_i[:n], axis=0) for x_i, n in zip(x, (5, 3))])
+    dense = variables["params"]["classifier"]
+    expected = pooled @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(reduce(x[1], axis=0), pooled[1])  # padding would have moved it
+
+
+def test_encoder_pooling_name_is_checked():
+    model = build_model("transformer", **dict(ENCODER_FIELDS, pooling="cls"))
+    with pytest.raises(ValueError, match="Unknown Transformer pooling 'cls'; use mean or max"):
+        model.init(key(0), jnp.ones((1, 4), jnp.int32), train=False)

@@ -130,6 +130,7 @@ BENCHMARKS = {
             "model.embed_dim": 0,
             "model.head_sizes": (64,),
             "model.per_step": False,
+            "model.pooling": "last",  # as measured before the config's default became "max"
             "model.dropout_rate": 0.0,
             "data.seq_len": 100,
             "data.batch_size": 64,

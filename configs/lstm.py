@@ -25,7 +25,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.embed_dim = 256
     config.model.head_sizes = (256,)  # Dense+relu layers between the last LSTM state and the logits
     config.model.per_step = False  # False: one prediction per sentence, from `pooling`
-    config.model.pooling = "last"  # last | max | mean: the LSTM outputs the classifier reads
+    # last | max | mean of the last layer's outputs over the words: each feature's maximum lets the
+    # classifier read a strong word anywhere in the sentence (84.9% against 83.7% for "last").
+    config.model.pooling = "max"
     config.model.dropout_rate = 0.2  # on the LSTM's outputs
     config.model.embedding_dropout_rate = 0.0  # on the word embeddings
     config.model.word_dropout_rate = 0.0  # share of words replaced by <unk> in training

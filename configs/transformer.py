@@ -27,7 +27,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.max_len = 128  # longest sequence the position table covers; >= data.seq_len
     config.model.causal = True  # decoder LM; False with num_classes > 0 is an encoder classifier
     config.model.num_classes = 0  # 0: language-model head over the vocabulary
-    config.model.dropout_rate = 0.1
+    # No dropout: 1500 steps are 6 passes over the text, too few to overfit this model (with 2000
+    # steps, validation loss rose from 1.467 at step 1500 to 1.488).
+    config.model.dropout_rate = 0.0
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
     config.model.scan_layers = False  # True: one scanned layer, compile time flat in depth
@@ -50,7 +52,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # optax.adamw\'s own arguments; b2 0.99: on a small data set a shorter second-moment memory
     # helps.
     config.optimizer.kwargs = ml_collections.ConfigDict(dict(b1=0.9, b2=0.99))
-    config.optimizer.learning_rate = 1e-3  # peak value of the schedule
+    config.optimizer.learning_rate = 2e-3  # peak value of the schedule (1e-3 learnt more slowly)
     config.optimizer.weight_decay = 0.1  # on weight matrices and embeddings, not biases or norms
     config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
     config.optimizer.warmup_steps = 100
@@ -58,7 +60,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0  # clip the global gradient norm; 0 disables
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 2000  # about 8 epochs of the 1M training characters
+    config.train.num_steps = 1500  # about 6 epochs of the 1M training characters
     config.train.log_every = 100
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
@@ -111,6 +113,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         config.model.dropout_rate = 0.0
         config.data.seq_len = 64
         config.data.batch_size = 12
+        config.optimizer.learning_rate = 1e-3
         config.train.num_steps = 2000
         config.train.log_every = 100
         config.train.eval_every = 500

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels import tuned
-from jaxmodels.tokens import word_dropout
+from jaxmodels.tokens import pool, word_dropout
 
 Carry = tuple[jax.Array, jax.Array]  # (c, h), each [batch, hidden_size]; c float32, h in dtype
 
@@ -226,13 +226,9 @@ class LSTM(nn.Module):
 
     def _pool(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
         """Reduces `[batch, seq_len, features]` over each sequence's first `lengths` steps."""
-        valid = (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]  # [batch, seq, 1]
-        if self.pooling == "max":
-            return jnp.where(valid, x, -jnp.inf).max(axis=1)  # every sequence has >= 1 step
-        if self.pooling == "mean":
-            # In float32: a bfloat16 sum over the sequence would round at every addition.
-            total = jnp.where(valid, x.astype(jnp.float32), 0.0).sum(axis=1)
-            return (total / lengths[:, None]).astype(x.dtype)
+        if self.pooling in ("max", "mean"):
+            valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]  # [batch, seq_len]
+            return pool(x, valid[..., None], self.pooling)
         # The LSTM is causal, so its output at step length - 1 has not seen the padding; the
         # backward one has read the whole sequence at step 0.
         last = (lengths - 1)[:, None, None]  # [batch, 1, 1]

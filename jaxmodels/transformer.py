@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels import tuned
-from jaxmodels.tokens import word_dropout
+from jaxmodels.tokens import pool, word_dropout
 
 
 def cache_position(module: nn.Module, length: int) -> jax.Array | int:
@@ -276,14 +276,7 @@ class Transformer(nn.Module):
         if self.causal:
             logits = nn.Dense(self.vocab_size, dtype=dtype, name="lm_head")(x)
             return logits.astype(jnp.float32)  # [batch, seq_len, vocab_size]
-        valid = not_pad[..., None]  # [batch, seq_len, 1]; padded positions still hold values
-        if self.pooling == "max":
-            pooled = jnp.where(valid, x, -jnp.inf).max(axis=1)  # [batch, width]
-            pooled = jnp.where(valid.any(axis=1), pooled, 0.0)  # an all-padding row pools to 0
-        else:
-            # Pooled in float32: a bfloat16 sum over the sequence would round at every addition.
-            weights = valid.astype(jnp.float32)
-            pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+        pooled = pool(x, not_pad[..., None], self.pooling)  # [batch, width]
         logits = nn.Dense(self.num_classes, dtype=dtype, name="classifier")(pooled)
         return logits.astype(jnp.float32)  # [batch, num_classes]
 

@@ -603,10 +603,10 @@ def test_lstm_pooling_reduces_the_last_layer_over_valid_steps_only(pooling, bidi
     h = layers["lstm_1"]["__call__"][0]  # [2, 7, 8]: the last layer's outputs
     if bidirectional:
         back = layers["lstm_1_backward"]["__call__"][0]  # on each sentence reversed in length
-        back = jnp.stack([jnp.concatenate([b[:n][::-1], b[n:]]) for b, n in zip(back, (5, 3))])
+        back = jnp.stack([jnp.concatenate([b[:n][::-1], b[n:]]) for b, n in zip(back, (5, 3), strict=True)])
         h = jnp.concatenate([h, back], axis=-1)  # [2, 7, 16]
     pooled = []
-    for h_i, n in zip(np.asarray(h), (5, 3)):
+    for h_i, n in zip(np.asarray(h), (5, 3), strict=True):
         valid = h_i[:n]  # the steps of real tokens
         if pooling == "max":
             pooled.append(valid.max(axis=0))
@@ -647,7 +647,7 @@ def test_encoder_pooling_reduces_the_final_outputs_over_real_tokens_only(pooling
     )
     x = np.asarray(state["intermediates"]["final_norm"]["__call__"][0])  # [2, 7, 8]
     reduce = np.max if pooling == "max" else np.mean
-    pooled = np.stack([reduce(x_i[:n], axis=0) for x_i, n in zip(x, (5, 3))])
+    pooled = np.stack([reduce(x_i[:n], axis=0) for x_i, n in zip(x, (5, 3), strict=True)])
     dense = variables["params"]["classifier"]
     expected = pooled @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)

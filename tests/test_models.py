@@ -603,7 +603,9 @@ def test_lstm_pooling_reduces_the_last_layer_over_valid_steps_only(pooling, bidi
     h = layers["lstm_1"]["__call__"][0]  # [2, 7, 8]: the last layer's outputs
     if bidirectional:
         back = layers["lstm_1_backward"]["__call__"][0]  # on each sentence reversed in length
-        back = jnp.stack([jnp.concatenate([b[:n][::-1], b[n:]]) for b, n in zip(back, (5, 3), strict=True)])
+        back = jnp.stack(
+            [jnp.concatenate([b[:n][::-1], b[n:]]) for b, n in zip(back, (5, 3), strict=True)]
+        )
         h = jnp.concatenate([h, back], axis=-1)  # [2, 7, 16]
     pooled = []
     for h_i, n in zip(np.asarray(h), (5, 3), strict=True):

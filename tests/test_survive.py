@@ -17,6 +17,7 @@ import time
 import chex
 import jax
 import pytest
+from tensorboardX import event_file_writer
 from tensorboardX.proto import event_pb2
 
 from train import loop
@@ -95,6 +96,18 @@ def test_stop_and_resume_log_what_an_uninterrupted_run_logs(step, reference, tmp
     assert [r["step"] for r in got] == [5, 10, 15, 20, 25, 30]
     assert got == want  # every value bitwise, row for row
     assert event_steps(tmp_path) == event_steps(workdir)  # TensorBoard: no step twice
+
+
+def test_a_resume_within_the_second_of_its_stop_keeps_the_stopped_runs_events(
+    reference, tmp_path, monkeypatch
+):
+    # Event files are named by the second they were opened in: freeze the clock they read.
+    monkeypatch.setattr(event_file_writer.time, "time", lambda: 1234567890.5)
+    stop_after(10, tmp_path, monkeypatch)
+    loop.train_and_evaluate(config_every_5(), tmp_path)
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    workdir, _ = reference
+    assert event_steps(tmp_path) == event_steps(workdir)
 
 
 def load_chaos():

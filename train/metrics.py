@@ -69,7 +69,12 @@ class MetricWriter:
         truncate_after(self.path, resume_step)
         trim_events(workdir / "tensorboard", resume_step)
         self._file = self.path.open("a")
-        self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        # Event files are named by the second they are opened in, and opening one truncates it: a
+        # run resumed within the second of its stop would erase the stopped run's events. The
+        # resume step makes the name unique and keeps the files in step order within a second.
+        self._tensorboard = SummaryWriter(
+            str(workdir / "tensorboard"), filename_suffix=f".from{resume_step:010d}"
+        )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **scalars}) + "\n")

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
 import chex
 import jax
@@ -101,8 +102,9 @@ def test_stop_and_resume_log_what_an_uninterrupted_run_logs(step, reference, tmp
 def test_a_resume_within_the_second_of_its_stop_keeps_the_stopped_runs_events(
     reference, tmp_path, monkeypatch
 ):
-    # Event files are named by the second they were opened in: freeze the clock they read.
-    monkeypatch.setattr(event_file_writer.time, "time", lambda: 1234567890.5)
+    # Event files are named by the second they were opened in: freeze the clock tensorboardX's
+    # writer reads, and only that one (the loop's own timing keeps the real clock).
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1234567890.5))
     stop_after(10, tmp_path, monkeypatch)
     loop.train_and_evaluate(config_every_5(), tmp_path)
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2

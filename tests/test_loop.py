@@ -213,3 +213,18 @@ def test_a_profiled_run_leaves_a_trace_in_its_workdir(tmp_path):
     config.train.profile_steps = 0
     loop.train_and_evaluate(config, tmp_path / "off")
     assert not (tmp_path / "off" / "profile").exists()
+
+
+def test_a_profile_inside_a_call_of_many_steps_traces_that_call(tmp_path):
+    # configs/mlp.py runs 25 steps per call, and the README's example asks for steps 20-24: they
+    # lie inside the call of steps 1-25, which the trace must span (it used to start only when
+    # the first step asked for began a call, so this recorded nothing).
+    config = load_config(CONFIGS / "mlp.py:tiny")
+    assert config.train.steps_per_call == 25
+    config.train.update(num_steps=50, log_every=25, eval_every=50, checkpoint_every=50)
+    config.train.update(profile_steps=5, profile_first_step=20)
+    loop.train_and_evaluate(config, tmp_path)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1
+    # The compiled call of 25 steps ran inside the trace: its program's name is recorded.
+    assert b"train_steps" in traces[0].read_bytes()

@@ -531,7 +531,7 @@ def run_steps(
         else:
             batches = stack([next(train_iter) for _ in range(count)])
             train, batch = compiled.train_steps, compiled.put_batches(batches)
-        trace.before(step + 1)
+        trace.before(step + 1, step + count)
         if step == start_step:
             run_state, step_sums = timed_first_step(train, run_state, batch, step_rng, count)
         else:
@@ -579,30 +579,37 @@ class StepTrace:
 
     The trace (an `.xplane.pb` under `directory/plugins/profile/<time>/`) opens in XProf or in
     TensorBoard's profile plugin: `tensorboard --logdir WORKDIR/profile`. Steps are numbered from
-    1; pick a first step after the compile of step 1. Calls of several steps are recorded whole.
+    1; pick a first step after the compile of step 1. A call of several steps
+    (`train.steps_per_call`) is recorded whole: the trace spans every call that holds a step asked
+    for, so it may begin before `profile_first_step` and end after the last step asked for.
     """
 
     def __init__(self, train_config: ml_collections.ConfigDict, directory: pathlib.Path | None):
         self.first, self.count = train_config.profile_first_step, train_config.profile_steps
-        self.directory, self.active = directory, False
+        self.last = self.first + self.count - 1
+        self.directory, self.active, self.done = directory, False, False
 
-    def before(self, step: int) -> None:
-        """Starts the trace if `step` (about to run) is the first one to record."""
-        if self.count > 0 and self.directory is not None and step == self.first:
+    def before(self, first_step: int, last_step: int) -> None:
+        """Starts the trace if the call about to run steps `first_step`..`last_step` holds one
+        to record."""
+        wanted = self.count > 0 and self.directory is not None and not self.done
+        if wanted and not self.active and first_step <= self.last and last_step >= self.first:
             jax.profiler.start_trace(str(self.directory))
             self.active = True
 
     def after(self, step: int, outputs: Any) -> None:
-        """Stops the trace once `step` (just dispatched) is the last one to record."""
-        if self.active and step >= self.first + self.count - 1:
+        """Stops the trace once `step` (just dispatched) is at or past the last one to record."""
+        if self.active and step >= self.last:
             jax.block_until_ready(outputs)  # the steps' device work belongs in the trace
             self.close()
 
     def close(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
-            self.active = False
-            logging.info("Profiler trace of the steps from %d in %s.", self.first, self.directory)
+            self.active, self.done = False, True
+            logging.info(
+                "Profiler trace of steps %d-%d in %s.", self.first, self.last, self.directory
+            )
 
 
 def steps_in_call(step: int, train_config: ml_collections.ConfigDict) -> int:

@@ -1,8 +1,11 @@
 """Optimizers and schedules built from the config: exact values at known steps, any optax optimizer
 by name, weight decay on weight matrices and embeddings only."""
 
+import inspect
+import re
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +92,12 @@ def test_adamw_first_step_and_decay():
     [
         ("name", "lamb2", "Unknown optimizer.name 'lamb2': not an optax optimizer"),
         ("name", "chain", "Unknown optimizer.name 'chain': not an optax optimizer"),
+        ("name", "_deprecated_dpsgd", "Unknown optimizer.name '_deprecated_dpsgd': not an optax"),
+        ("name", "scale_by_rprop", "Unknown optimizer.name 'scale_by_rprop': not an optax"),
+        # a NamedTuple with a `learning_rate` field, not an optimizer
+        ("name", "ScaleByZoomLinesearchState", "Unknown optimizer.name 'ScaleByZoomLinesearchSta"),
+        ("kwargs", dict(weight_decay=0.1), "optimizer.kwargs.weight_decay is set from the config"),
+        ("kwargs", dict(learning_rate=0.1), "optimizer.kwargs.learning_rate is set from the con"),
         ("schedule", "linear", "Unknown optimizer.schedule 'linear'"),
     ],
 )
@@ -207,3 +216,185 @@ def test_a_run_with_lion_trains_the_tiny_mlp(tmp_path):
     # SGD momentum left out with a warning) gets to about 0.46 over steps 51-100.
     assert float(scalars["train/loss"]) < 0.7
     assert float(scalars["eval/accuracy"]) > 0.85
+
+
+def bare_config(**overrides) -> ml_collections.ConfigDict:
+    """`optimizer_config` with none of the optimizer's own keyword arguments."""
+    config = optimizer_config(**overrides)
+    config.kwargs = ml_collections.ConfigDict()
+    return config
+
+
+def optax_optimizers() -> list[str]:
+    """Every function in optax's namespace that takes a `learning_rate`, found when tests run."""
+    names = []
+    for name in dir(optax):
+        function = getattr(optax, name)
+        if not callable(function) or inspect.isclass(function):
+            continue
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            continue
+        if "learning_rate" in parameters:
+            names.append(name)
+    return names
+
+
+OPTIMIZERS = optax_optimizers()
+
+# What make_optimizer refuses, and a piece of the one line that says why. Any other optimizer
+# must run, so that a refusal of everything cannot pass these tests.
+REFUSED_ALWAYS = {
+    "_deprecated_dpsgd": "not an optax optimizer",  # private, and it needs per-example gradients
+    # optax's building blocks: scale_by_rprop steps up the gradient (rprop negates it)
+    "scale_by_learning_rate": "not an optax optimizer",
+    "scale_by_rprop": "not an optax optimizer",
+    "lbfgs": "needs the loss and a function computing it at every update (a line search)",
+}
+REFUSED_WITH_DECAY = {"novograd": "applies its own weight_decay to every parameter"}
+REFUSED_WITH_SCHEDULE = dict.fromkeys(
+    ["rprop", "sm3", "optimistic_adam"],
+    "takes no learning-rate schedule, only a constant rate; set optimizer.schedule='constant' "
+    "with optimizer.warmup_steps=0, or use another optimizer.",
+)
+
+
+def test_the_optimizers_are_found_in_optax():
+    assert {"adamw", "sgd", "lion", "lars", "adadelta", "novograd", "rprop", "lbfgs"} <= set(
+        OPTIMIZERS
+    )
+    assert len(OPTIMIZERS) >= 30  # 34 in optax 0.2.8
+
+
+def assert_refused(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        optim.make_optimizer(config, num_steps=10)
+    assert "\n" not in str(error.value)
+    assert f"{config.name}" in str(error.value)
+
+
+# A dense layer and a norm at 2.0. The kernel's gradients are small and of both signs, so that
+# decay (0.5 * 2.0 = 1) turns the direction of each element even for sign-based optimizers; the
+# bias's and scale's are not zero, so that decay leaking into an optimizer's statistics (its
+# second moments, its per-layer norms) would show in their updates too.
+DECAY_PARAMS = {
+    "dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)},
+    "norm": {"scale": jnp.full((4,), 2.0)},
+}
+GRADS = {
+    "dense": {
+        "kernel": 0.01 * jnp.array([[1.0, -1.0, 2.0, -2.0]] * 3),
+        "bias": jnp.array([0.3, -0.2, 0.1, -0.4]),
+    },
+    "norm": {"scale": jnp.array([-0.1, 0.2, -0.3, 0.4])},
+}
+
+
+def two_steps(config) -> optax.Params:
+    optimizer, _ = optim.make_optimizer(config, num_steps=10)
+    params, state = DECAY_PARAMS, optimizer.init(DECAY_PARAMS)
+    for _ in range(2):
+        updates, state = optimizer.update(GRADS, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_weight_decay_reaches_kernels_and_never_biases_or_scales_or_is_refused(name):
+    config = bare_config(name=name, schedule="constant", warmup_steps=0, weight_decay=0.5)
+    refusal = REFUSED_ALWAYS.get(name, REFUSED_WITH_DECAY.get(name))
+    if refusal is not None:
+        assert_refused(config, refusal)
+        return
+    decayed = two_steps(config)
+    config.weight_decay = 0.0
+    plain = two_steps(config)
+    for params in (decayed, plain):
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), name
+    # Bitwise the same with decay as without: it never reaches them, not even through statistics.
+    np.testing.assert_array_equal(decayed["dense"]["bias"], plain["dense"]["bias"], err_msg=name)
+    np.testing.assert_array_equal(decayed["norm"]["scale"], plain["norm"]["scale"], err_msg=name)
+    # Decay pulls the kernel (2.0 everywhere) toward zero: all of it, if not every element (an
+    # adaptive optimizer rescales L2 decay in front of it element by element).
+    kernel, plain_kernel = decayed["dense"]["kernel"], plain["dense"]["kernel"]
+    assert float(kernel.sum()) < float(plain_kernel.sum()), (name, kernel, plain_kernel)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_constant_rate_is_the_optimizers_own_or_is_refused(name):
+    # A constant schedule without warmup: the same updates as the optax function called with
+    # the number itself (the schedule where it takes one, the number where it takes none).
+    config = bare_config(name=name, schedule="constant", warmup_steps=0)
+    if name in REFUSED_ALWAYS:
+        assert_refused(config, REFUSED_ALWAYS[name])
+        return
+    ours, _ = optim.make_optimizer(config, num_steps=10)
+    function = getattr(optax, name)
+    # No decay: adamw's and lion's own default is not 0.
+    own_decay = (
+        {"weight_decay": 0.0} if "weight_decay" in inspect.signature(function).parameters else {}
+    )
+    reference = function(0.1, **own_decay)
+    state, ref_state = ours.init(DECAY_PARAMS), reference.init(DECAY_PARAMS)
+    for _ in range(2):
+        updates, state = ours.update(GRADS, state, DECAY_PARAMS)
+        ref_updates, ref_state = reference.update(GRADS, ref_state, DECAY_PARAMS)
+        # to float32's rounding: fromage computes its factors in Python from a number and in
+        # float32 from a schedule
+        jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-5), updates, ref_updates)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_warmup_reaches_the_optimizer_or_is_refused(name):
+    # Warmup starts at a learning rate of 0: an optimizer that honours the schedule moves nothing
+    # on its first update, and something on its second (at 0.1 / 10).
+    config = bare_config(name=name, schedule="cosine", warmup_steps=10)
+    refusal = REFUSED_ALWAYS.get(name, REFUSED_WITH_SCHEDULE.get(name))
+    if refusal is not None:
+        assert_refused(config, refusal)
+        return
+    optimizer, _ = optim.make_optimizer(config, num_steps=100)
+    state = optimizer.init(DECAY_PARAMS)
+    first, state = optimizer.update(GRADS, state, DECAY_PARAMS)
+    second, _ = optimizer.update(GRADS, state, DECAY_PARAMS)
+    for leaf in jax.tree.leaves(first):
+        np.testing.assert_array_equal(leaf, 0.0, err_msg=name)
+    assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(second)), name
+
+
+def test_rprop_with_a_cosine_schedule_is_refused_in_one_line():
+    config = optimizer_config(name="rprop", schedule="cosine", warmup_steps=10)
+    with pytest.raises(ValueError) as error:
+        optim.make_optimizer(config, num_steps=10)
+    assert str(error.value) == (
+        "optax.rprop takes no learning-rate schedule, only a constant rate; set "
+        "optimizer.schedule='constant' with optimizer.warmup_steps=0, or use another optimizer."
+    )
+
+
+def test_rprop_with_a_constant_rate_steps_by_it():
+    # optax's rprop moves nothing on its first update and then the learning rate against the
+    # gradient's sign, whatever its size (growing by eta_plus=1.2 while the sign holds).
+    config = bare_config(name="rprop", schedule="constant", warmup_steps=0)
+    optimizer, schedule = optim.make_optimizer(config, num_steps=10)
+    params, grads = {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([3.0, -1e-3])}
+    state = optimizer.init(params)
+    steps = []
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state, params)
+        steps.append(updates["w"])
+    np.testing.assert_allclose(steps, [[0, 0], [-0.1, 0.1], [-0.12, 0.12]], rtol=1e-6)
+    np.testing.assert_allclose(schedule(5), 0.1, rtol=1e-6)  # what the loop logs
+
+
+@pytest.mark.parametrize("name", ["adadelta", "lars"])
+def test_an_own_mask_argument_of_another_name_gets_the_mask(name):
+    # optax.adadelta and optax.lars call their mask weight_decay_mask: the same updates as the
+    # function given decay_mask there by hand.
+    config = bare_config(name=name, schedule="constant", warmup_steps=0, weight_decay=0.5)
+    ours, _ = optim.make_optimizer(config, num_steps=10)
+    reference = getattr(optax, name)(0.1, weight_decay=0.5, weight_decay_mask=optim.decay_mask)
+    updates, _ = ours.update(GRADS, ours.init(DECAY_PARAMS), DECAY_PARAMS)
+    ref_updates, _ = reference.update(GRADS, reference.init(DECAY_PARAMS), DECAY_PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, updates, ref_updates)

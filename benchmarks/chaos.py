@@ -5,13 +5,15 @@
 Trains the config once without interruption, then again in another workdir while killing the
 process with SIGKILL up to `--kills` times (restarting it with the same command each time; a run
 too short for them all ends first: give it more steps), and compares the two: the final
-parameters bitwise, and metrics.jsonl row for row (every value but the timing,
-`train/steps_per_second`). Each kill lands at one of three kinds of moment, drawn in turn:
-a random time after the start (a random fraction of the uninterrupted run's wall time, so the
-kills spread over start-up, compiling and training on a fast machine as on a slow one), just as a
-checkpoint starts to be written (orbax's temporary folder appears), or just after a report was
-appended to metrics.jsonl. Prints what differed, if
-anything, and one JSON line with the counts; exits 1 if anything differed.
+parameters bitwise, metrics.jsonl row for row and TensorBoard's scalars event for event (every
+value bitwise but the timing, `train/steps_per_second`). Each kill lands at one of three kinds of
+moment, drawn in turn: a random time after the start (a random fraction of the uninterrupted
+run's wall time, so the kills spread over start-up, compiling and training on a fast machine as on
+a slow one), just as a checkpoint starts to be written (orbax's temporary folder appears), or just
+after a report was appended to metrics.jsonl. Prints what differed, if anything, and one JSON line
+with the counts; exits 1 if anything differed. `--workdir` is emptied first, so it must be new,
+empty, or one that chaos.py made (it leaves a `chaos-workdir` file in each): anything else is
+refused, never deleted.
 """
 
 from __future__ import annotations
@@ -21,20 +23,50 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
+from tensorboardX.proto import event_pb2
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("train/steps_per_second",)  # values no two runs share
 MOMENTS = ("random", "checkpoint", "report")
+MARKER = "chaos-workdir"  # the file that marks a workdir as chaos.py's own, to empty at will
 
 
 def command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def prepare_workdir(workdir: pathlib.Path) -> None:
+    """Leaves `workdir` an empty directory holding only MARKER, deleting nothing chaos.py did not
+    make: it creates a missing one, takes an empty one, and empties one that holds MARKER.
+
+    Raises:
+      SystemExit: (one line) `workdir` is a file, or a directory with other files and no MARKER.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise SystemExit(f"chaos: --workdir={workdir} is a file; name a new directory.")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise SystemExit(
+                f"chaos: --workdir={workdir} is not empty and was not made by chaos.py (it has no "
+                f"{MARKER} file), so it is not deleted; name a new or empty directory."
+            )
+        for path in workdir.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:  # a file, or a link, not followed
+                path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text(
+        "Made by benchmarks/chaos.py, which empties this directory when it is given it again.\n"
+    )
 
 
 def run_to_end(arguments: list[str], log) -> float:
@@ -116,7 +148,8 @@ def final_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def differences(reference: pathlib.Path, other: pathlib.Path) -> list[str]:
-    """What differs between two finished runs: parameters bitwise, reports but for timing."""
+    """What differs between two finished runs: parameters bitwise; metrics.jsonl's reports and
+    TensorBoard's scalars, every value bitwise but the timing."""
     found = []
     want, got = final_params(reference), final_params(other)
     for name in sorted(want.keys() | got.keys()):
@@ -135,6 +168,49 @@ def differences(reference: pathlib.Path, other: pathlib.Path) -> list[str]:
         for key in sorted((a.keys() | b.keys()) - set(TIMING)):
             if a.get(key) != b.get(key):
                 found.append(f"step {a['step']}: {key} {a.get(key)!r} against {b.get(key)!r}")
+    return found + tensorboard_differences(reference, other)
+
+
+def tensorboard_differences(reference: pathlib.Path, other: pathlib.Path) -> list[str]:
+    """What differs between two runs' TensorBoard scalars: the (step, tag) of each, in order, and
+    its float32 value bitwise, but for the timing."""
+    found = []
+    events = [tensorboard_scalars(run) for run in (reference, other)]
+    keys = [[(step, tag) for step, tag, _ in run] for run in events]
+    if keys[0] != keys[1]:
+        first = next(
+            (i for i, pair in enumerate(zip(*keys, strict=False)) if pair[0] != pair[1]),
+            min(map(len, keys)),
+        )
+        found.append(
+            f"TensorBoard scalars differ in step or tag from scalar {first + 1} on: "
+            f"{keys[0][first : first + 3]} against {keys[1][first : first + 3]} "
+            f"({len(keys[0])} against {len(keys[1])} scalars)"
+        )
+    for (step, tag, a), (other_step, other_tag, b) in zip(*events, strict=False):
+        if (step, tag) != (other_step, other_tag) or tag in TIMING:
+            continue  # reported above; timing differs from run to run
+        if struct.pack("<f", a) != struct.pack("<f", b):
+            found.append(f"TensorBoard step {step}: {tag} {a!r} against {b!r}")
+    return found
+
+
+def tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a run's TensorBoard event files, in the order written.
+
+    Read as train/metrics.py's `trim_events` reads them, without TensorBoard: an event file is
+    TFRecord, each record an 8-byte length, its 4-byte checksum, a serialized `Event` and its
+    4-byte checksum. A file's name holds the second it was opened in, then the host and the step
+    it resumed from (train/metrics.py), so sorted names are the order in which they were written.
+    """
+    found = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, position = path.read_bytes(), 0
+        while position + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[position : position + 8])
+            event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
+            found += [(event.step, value.tag, value.simple_value) for value in event.summary.value]
+            position += 12 + length + 4
     return found
 
 
@@ -147,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else (--config.FIELD=VALUE) is passed to both runs.
     args, overrides = parser.parse_known_args(argv)
     workdir = pathlib.Path(args.workdir).absolute()
-    subprocess.run(["rm", "-rf", str(workdir)], check=True)
-    workdir.mkdir(parents=True)
+    prepare_workdir(workdir)
     start = time.monotonic()
     with open(workdir / "chaos.log", "w") as log:
         span = run_to_end(command(args.config, workdir / "reference", overrides), log)

@@ -49,7 +49,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
-from tensorflow_datasets.proto import tf_example_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from train import translation
 
@@ -420,14 +420,52 @@ def _read_all(source: Sequence) -> list:
 def _bytes_feature(dataset: str, data_dir: str, split: str, feature: str) -> list[bytes]:
     """One bytes feature of every example of a split, in order.
 
-    Parses the stored tf.train.Example records with the protobuf message tfds ships, several times
-    faster than tfds's generic numpy decoding, which runs Python per feature of every example.
+    Parses the stored tf.train.Example records with protobuf (`_example_message`), several times
+    faster than tfds's generic numpy decoding, which runs Python per feature of every example
+    (SST-2's 67349 training sentences: 0.3 s against 3.3 s).
     """
     source = _source(
         dataset, data_dir, split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
-    parse = tf_example_pb2.Example.FromString
+    parse = _example_message().FromString
     return [parse(r).features.feature[feature].bytes_list.value[0] for r in _read_all(source)]
+
+
+@functools.cache  # one message class per process
+def _example_message() -> type:
+    """The protobuf message class of a serialized tf.train.Example, as TFDS stores examples.
+
+    Built with protobuf's public descriptor API from the fields of TensorFlow's example.proto and
+    feature.proto that these records use, since tfds ships its generated module only as an
+    internal one: Example {Features features = 1}, Features {map<string, Feature> feature = 1},
+    Feature {one of BytesList bytes_list = 1, FloatList float_list = 2, Int64List int64_list = 3},
+    each list {repeated value = 1} (packed or not: protobuf reads both).
+    """
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="train/tf_example.proto", package="train")
+
+    def add(message, name: str, number: int, kind: int, type_name: str | None = None, *, repeated):
+        label = field.LABEL_REPEATED if repeated else field.LABEL_OPTIONAL
+        message.field.add(name=name, number=number, label=label, type=kind, type_name=type_name)
+
+    for name, kind in (("BytesList", field.TYPE_BYTES), ("FloatList", field.TYPE_FLOAT)):
+        add(proto.message_type.add(name=name), "value", 1, kind, repeated=True)
+    add(proto.message_type.add(name="Int64List"), "value", 1, field.TYPE_INT64, repeated=True)
+    feature = proto.message_type.add(name="Feature")
+    for number, name in enumerate(("bytes_list", "float_list", "int64_list"), start=1):
+        list_type = ".train." + name.title().replace("_", "")  # .train.BytesList, ...
+        add(feature, name, number, field.TYPE_MESSAGE, list_type, repeated=False)
+    features = proto.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")  # a map is a repeated key-value entry
+    entry.options.map_entry = True
+    add(entry, "key", 1, field.TYPE_STRING, repeated=False)
+    add(entry, "value", 2, field.TYPE_MESSAGE, ".train.Feature", repeated=False)
+    add(features, "feature", 1, field.TYPE_MESSAGE, ".train.Features.FeatureEntry", repeated=True)
+    example = proto.message_type.add(name="Example")
+    add(example, "features", 1, field.TYPE_MESSAGE, ".train.Features", repeated=False)
+    pool = descriptor_pool.DescriptorPool()  # a pool of its own: nothing registered process-wide
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("train.Example"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -542,8 +580,9 @@ def _image_pixels(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, 
     records = _read_all(source)
     pixels = np.empty((len(records), *shape), np.uint8)  # [n, 28, 28, 1]
     labels = np.empty(len(records), np.int32)
+    parse = _example_message().FromString
     for i, record in enumerate(records):
-        feature = tf_example_pb2.Example.FromString(record).features.feature
+        feature = parse(record).features.feature
         png = feature["image"].bytes_list.value[0]
         pixels[i] = np.asarray(PIL.Image.open(io.BytesIO(png))).reshape(shape)
         labels[i] = feature["label"].int64_list.value[0]

@@ -15,8 +15,10 @@ tf.image.encode_png, and `glue` is not even registered without TensorFlow), thou
 ArrayRecord without it. So this runs TFDS's own `download_and_prepare` on the registered builder
 (its download manager, which finds the files in --manual_dir or downloads them and checks both
 against the sha256 TFDS registers; its feature encoding, key-hash shuffle, ArrayRecord writer and
-dataset_info.json), and replaces only the builder's `_split_generators` with one that reads the
-same files without TensorFlow and yields the same keys and examples (`_SPLIT_GENERATORS`).
+dataset_info.json), on a subclass of the registered builder that implements only
+`_split_generators`, the hook TFDS's guide to writing a data set has a builder implement, with one
+that reads the same files without TensorFlow and yields the same keys and examples
+(`_SPLIT_GENERATORS`).
 
 What comes out is what TFDS writes with TensorFlow (checked against the copies in ../shared/data
 that TFDS's builders prepared with it): the same examples in the same order, the same
@@ -94,7 +96,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> str:
     """
     if name not in _SPLIT_GENERATORS:
         raise ValueError(f"Unknown data set {name!r}. Known: {DATASETS}")
-    builder = _builder(name, data_dir)
+    builder = _builder(name, data_dir, make_splits=None)
     if (builder.data_path / "dataset_info.json").exists():
         return os.fspath(builder.data_path)
     if builder.data_path.exists():  # TFDS would take it as prepared
@@ -104,10 +106,10 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> str:
         )
     files = _manual_files(name, builder, manual_dir) if manual_dir else None
     with tempfile.TemporaryDirectory() as scratch:
-        # The builder's own `_split_generators` needs TensorFlow; TFDS calls this one in its place.
-        builder._split_generators = functools.partial(
-            _SPLIT_GENERATORS[name], builder, files, pathlib.Path(scratch)
+        make_splits = functools.partial(
+            _SPLIT_GENERATORS[name], files=files, scratch=pathlib.Path(scratch)
         )
+        builder = _builder(name, data_dir, make_splits)
         builder.download_and_prepare(
             # Downloads are kept (and reused) in data_dir/downloads; local copies are not copied.
             download_dir=os.path.join(data_dir, "downloads") if files is None else scratch,
@@ -119,14 +121,31 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None) -> str:
     return os.fspath(builder.data_path)
 
 
-def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """TFDS's registered builder of `name`, writing ArrayRecord into `data_dir`."""
-    if name == "glue/sst2":
-        # Registered only when imported; tfds's catalogue skips it without TensorFlow.
-        from tensorflow_datasets.text import glue
+def _builder(name: str, data_dir: str, make_splits: Callable | None) -> tfds.core.DatasetBuilder:
+    """TFDS's registered builder of `name`, writing ArrayRecord into `data_dir`, its examples made
+    by `make_splits(builder, dl_manager)` (one of `_SPLIT_GENERATORS`; None: only for its paths).
 
-        return glue.Glue(config="sst2", data_dir=data_dir, file_format="array_record")
-    return tfds.builder_cls(name)(data_dir=data_dir, file_format="array_record")
+    The builder is a subclass of the registered one that implements `_split_generators`, the hook
+    TFDS documents for a builder to say how it makes its splits (a GeneratorBasedBuilder is meant
+    to be subclassed so). Everything else is the registered builder's: name, version, config,
+    features, the checksums TFDS registers, the metadata in dataset_info.json.
+    """
+    if name == "glue/sst2":
+        # By its class: without TensorFlow, tfds.builder_cls does not know glue.
+        registered, config = tfds.text.Glue, {"config": "sst2"}
+    else:
+        registered, config = tfds.builder_cls(name), {}
+
+    class WithoutTensorFlow(registered, skip_registration=True):
+        # TFDS finds a builder's checksums and metadata files next to the module of its class, and
+        # records that module in dataset_info.json: the registered builder's, as if it were it.
+        __module__ = registered.__module__
+        name = registered.name
+
+        def _split_generators(self, dl_manager):
+            return make_splits(self, dl_manager)
+
+    return WithoutTensorFlow(data_dir=data_dir, file_format="array_record", **config)
 
 
 # --- The original files ---------------------------------------------------------------------------
@@ -215,7 +234,7 @@ def _first_line(error: BaseException) -> str:
 _Examples = Iterator[tuple[object, dict]]
 
 
-def _shakespeare_splits(builder, files, scratch, dl_manager) -> dict[str, _Examples]:
+def _shakespeare_splits(builder, dl_manager, *, files, scratch) -> dict[str, _Examples]:
     """As the builder: the text's first 90% of characters, then half each of the rest."""
     del files, scratch
     (path,) = _download("tiny_shakespeare", builder, dl_manager, [_SHAKESPEARE_URL])
@@ -227,7 +246,7 @@ def _shakespeare_splits(builder, files, scratch, dl_manager) -> dict[str, _Examp
     return {split: builder._generate_examples(split, text) for split, text in texts.items()}
 
 
-def _mnist_splits(builder, files, scratch, dl_manager) -> dict[str, _Examples]:
+def _mnist_splits(builder, dl_manager, *, files, scratch) -> dict[str, _Examples]:
     """As the builder: key = position in the original file; the image as TensorFlow's PNG."""
     del files, scratch
     paths = iter(_download("mnist", builder, dl_manager, _urls("mnist", builder)))
@@ -243,7 +262,7 @@ def _mnist_examples(images_path: pathlib.Path, labels_path: pathlib.Path) -> _Ex
         yield index, {"image": png, "label": int(label)}
 
 
-def _sst2_splits(builder, files, scratch, dl_manager) -> dict[str, _Examples]:
+def _sst2_splits(builder, dl_manager, *, files, scratch) -> dict[str, _Examples]:
     """As the builder: its own `_generate_examples` over the three TSV files."""
     if files is not None and files.sst2_tsvs:
         folder = files.dir

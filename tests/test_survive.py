@@ -231,22 +231,6 @@ def test_an_unreadable_config_json_is_rewritten_and_the_run_resumes(content, tmp
     assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == NUM_STEPS
 
 
-def test_a_checkpoint_with_a_missing_array_file_falls_back_to_the_previous_step(tmp_path, caplog):
-    config = config_every_5()
-    config.train.num_steps = 20
-    loop.train_and_evaluate(config, tmp_path)
-    newest = tmp_path / "checkpoints" / "20"
-    array_files = [p for p in newest.rglob("*") if p.is_file() and "params" in str(p)]
-    array_files += [p for p in newest.rglob("d/*") if p.is_file()]
-    for path in array_files:
-        path.unlink()
-    caplog.set_level(logging.INFO)
-    state, _ = loop.train_and_evaluate(config_every_5(), tmp_path)
-    assert int(state.step) == NUM_STEPS
-    assert (tmp_path / "checkpoints" / "20.corrupt").is_dir()  # moved aside, never deleted
-    assert any("Resumed from checkpoint step 10" in r.getMessage() for r in caplog.records)
-
-
 def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

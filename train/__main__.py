@@ -2,7 +2,9 @@
 
 Any config field can be overridden, e.g. --config.optimizer.learning_rate=3e-4. Bad input (an
 unknown model, config field, variant or data set, a batch that does not divide over the devices)
-ends with one line on stderr and exit status 2; --verbosity=1 also logs the traceback.
+ends with one line on stderr and exit status 2; --verbosity=1 also logs the traceback. A run
+that diverges, or a checkpoint that fails to restore and shows no damage, ends with one line and
+exit status 1.
 """
 
 import codecs
@@ -174,7 +176,7 @@ def main(argv):
         import tensorflow as tf
 
         tf.config.set_visible_devices([], "GPU")
-    from train import loop  # imported after flag parsing: importing jax is slow
+    from train import checkpoint, loop  # imported after flag parsing: importing jax is slow
 
     process.set_compile_cache(config.train.compile_cache_dir)
 
@@ -189,6 +191,8 @@ def main(argv):
     except INPUT_ERRORS as error:
         fail(error)
     except FloatingPointError as error:  # a diverged run: the last good checkpoint is kept
+        fail(error, status=1)
+    except checkpoint.RestoreError as error:  # not bad input: an I/O error, out of memory, ...
         fail(error, status=1)
     print(" ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
 

@@ -388,7 +388,9 @@ def restore_run(manager, state: TrainState, rng: jax.Array, train_iter):
     """Restores the newest readable checkpoint onto this run's shapes and shardings.
 
     Returns (start step, state, base key, unreported window); (0, state, rng, a new window) if
-    there is no checkpoint. `train_iter` is moved to the checkpoint's position in place.
+    there is no checkpoint. `train_iter` is moved to the checkpoint's position in place. Steps
+    found damaged are moved aside; a step that fails to restore for any other reason raises
+    `checkpoint.RestoreError` (one line) and moves nothing (`checkpoint.restore_newest`).
     """
     target = checkpoint.abstract_like(saved_form(state, rng, ReportWindow.new(0)))
     restored = checkpoint.restore_newest(manager, target, train_iter)

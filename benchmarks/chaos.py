@@ -14,6 +14,12 @@ after a report was appended to metrics.jsonl. Prints what differed, if anything,
 with the counts; exits 1 if anything differed. `--workdir` is emptied first, so it must be new,
 empty, or one that chaos.py made (it leaves a `chaos-workdir` file in each): anything else is
 refused, never deleted.
+
+--at=report:12,save:20,step:27 kills at exact moments instead, the same on every machine (what
+tests use): the Nth start of the run SIGKILLs itself at the Nth moment, by train/__main__.py's
+test hook (JAXMODELS_TEST_SIGNAL): `step:N` after the call that ran step N, `report:N` after the
+report of step N was written, `save:N` after the async save of step N's checkpoint started (the
+first such moment at or after step N).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("train/steps_per_second",)  # values no two runs share
 MOMENTS = ("random", "checkpoint", "report")
 MARKER = "chaos-workdir"  # the file that marks a workdir as chaos.py's own, to empty at will
+AT_MOMENTS = ("step", "report", "save")  # --at: the moments of train/__main__.py's test hook
 
 
 def command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[str]:
@@ -124,6 +131,25 @@ def kill_and_restart(
                 raise SystemExit(f"chaos: the run failed with status {process.returncode}")
             print(f"chaos: the run finished after {len(hit)} kills", file=sys.stderr)
             return hit
+    run_to_end(arguments, log)
+    return hit
+
+
+def kill_at(arguments: list[str], at: list[str], log) -> list[str]:
+    """Runs `arguments` to the end, its Nth start SIGKILLing itself at moment `at[N]`
+    (MOMENT:STEP); returns the moments hit. A start that resumes past its moment is killed at
+    the first such moment after it; one that ends first ends the kills."""
+    hit = []
+    for moment in at:
+        env = dict(os.environ, JAXMODELS_TEST_SIGNAL=f"SIGKILL@{moment}")
+        result = subprocess.run(arguments, cwd=REPO, stdout=log, stderr=log, env=env, timeout=3600)
+        if result.returncode == 0:
+            print(f"chaos: the run finished after {len(hit)} kills", file=sys.stderr)
+            return hit
+        if result.returncode != -signal.SIGKILL:
+            raise SystemExit(f"chaos: the run failed with status {result.returncode}")
+        hit.append(moment)
+        print(f"chaos: kill {len(hit)}/{len(at)} at {moment}", file=sys.stderr)
     run_to_end(arguments, log)
     return hit
 
@@ -220,22 +246,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/chaos")
+    parser.add_argument(
+        "--at", default="", help="Exact moments instead: report:12,save:20,step:27 (see above)."
+    )
     # Anything else (--config.FIELD=VALUE) is passed to both runs.
     args, overrides = parser.parse_known_args(argv)
+    at = [moment for moment in args.at.split(",") if moment]
+    for moment in at:
+        kind, _, step = moment.partition(":")
+        if kind not in AT_MOMENTS or not step.isdigit():
+            parser.error(f"--at={args.at}: write MOMENT:STEP, MOMENT one of {AT_MOMENTS}")
     workdir = pathlib.Path(args.workdir).absolute()
     prepare_workdir(workdir)
     start = time.monotonic()
     with open(workdir / "chaos.log", "w") as log:
         span = run_to_end(command(args.config, workdir / "reference", overrides), log)
         arguments = command(args.config, workdir / "killed", overrides)
-        hit = kill_and_restart(arguments, workdir / "killed", args.kills, args.seed, log, span)
+        if at:
+            hit = kill_at(arguments, at, log)
+        else:
+            hit = kill_and_restart(arguments, workdir / "killed", args.kills, args.seed, log, span)
     found = differences(workdir / "reference", workdir / "killed")
     for line in found:
         print(line)
     summary = {
         "config": args.config,
         "kills": len(hit),
-        "moments": {moment: hit.count(moment) for moment in MOMENTS},
+        "moments": {moment: hit.count(moment) for moment in MOMENTS} if not at else hit,
         "differences": len(found),
         "wall_s": round(time.monotonic() - start, 1),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),

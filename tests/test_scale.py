@@ -1,5 +1,6 @@
 """Scale-out on the command line: two processes on 127.0.0.1, the persistent compile cache."""
 
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -66,7 +67,10 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
-    logs = [finish(p) for p in processes]
+    # Both at once: each waits for the other at every step, so one left unread (its pipe full)
+    # would stall both.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        logs = list(pool.map(finish, processes))
     single = tmp_path / "one_process"
     finish(start([*short, f"--workdir={single}"], num_devices=2))
 
@@ -86,14 +90,14 @@ def test_a_missing_process_is_named_after_the_startup_timeout(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     lonely = start(
         [*SHORT, f"--workdir={tmp_path}", f"--coordinator_address={address}",
-         "--num_processes=2", "--process_id=0", "--startup_timeout=5"],
+         "--num_processes=2", "--process_id=0", "--startup_timeout=1"],
         num_devices=1,
     )  # fmt: skip
     _, stderr = lonely.communicate(timeout=120)
     assert lonely.returncode == 2, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert "process 0 of 2 could not reach the other processes" in line
-    assert "within 5 s" in line and "ids 0..1" in line
+    assert "within 1 s" in line and "ids 0..1" in line
 
 
 def first_step(stderr: str) -> tuple[float, str]:

@@ -7,12 +7,10 @@ import json
 import logging
 import os
 import pathlib
-import re
 import signal
 import struct
 import subprocess
 import sys
-import time
 import types
 
 import chex
@@ -52,39 +50,41 @@ def without_timing(reports: list[dict]) -> list[dict]:
     return [{k: v for k, v in report.items() if k != TIMING} for report in reports]
 
 
-def event_steps(workdir: pathlib.Path) -> list[tuple[int, str]]:
-    """(step, tag) of every scalar in the run's TensorBoard event files, in order."""
+def event_scalars(workdir: pathlib.Path) -> list[tuple[int, str, str | None]]:
+    """(step, tag, value) of every scalar in the run's TensorBoard event files, in order. The value
+    is its float32's bits in hex, so that comparisons are bitwise; None for TIMING."""
     found = []
     for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
         data, position = path.read_bytes(), 0
         while position + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[position : position + 8])
             event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
-            found += [(event.step, value.tag) for value in event.summary.value]
+            found += [
+                (event.step, value.tag, None if value.tag == TIMING else bits(value.simple_value))
+                for value in event.summary.value
+            ]
             position += 16 + length
     return found
 
 
-def stop_after(step: int, workdir: pathlib.Path, monkeypatch) -> None:
+def bits(value: float) -> str:
+    return struct.pack("<f", value).hex()
+
+
+def stop_after(step: int, workdir: pathlib.Path) -> None:
     """Runs `config_every_5()` in `workdir` until a SIGTERM after step `step`."""
-    add = loop.ReportWindow.add
-    calls = []
 
-    def signal_after(window, step_sums, num_steps):  # the host side of each step
-        calls.append(num_steps)
-        if sum(calls) == step:
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the loop sees it after the step
-        return add(window, step_sums, num_steps)
+    def signal_after(moment, at_step):  # after each call's steps, before the loop asks to stop
+        if moment == "step" and at_step == step:
+            signal.raise_signal(signal.SIGTERM)  # a real signal, taken before this returns
 
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.ReportWindow, "add", signal_after)
-        stopped, _ = loop.train_and_evaluate(config_every_5(), workdir)
+    stopped, _ = loop.train_and_evaluate(config_every_5(), workdir, on_event=signal_after)
     assert int(stopped.step) == step
 
 
 @pytest.mark.parametrize("step", [7, 10])  # not a report step; a checkpoint step
-def test_stop_and_resume_log_what_an_uninterrupted_run_logs(step, reference, tmp_path, monkeypatch):
-    stop_after(step, tmp_path, monkeypatch)
+def test_stop_and_resume_log_what_an_uninterrupted_run_logs(step, reference, tmp_path):
+    stop_after(step, tmp_path)
     # The stop wrote no row of its own: only the reports an uninterrupted run has by then.
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == [s for s in (5, 10) if s <= step]
@@ -96,7 +96,17 @@ def test_stop_and_resume_log_what_an_uninterrupted_run_logs(step, reference, tmp
     got = without_timing(read_metrics(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in got] == [5, 10, 15, 20, 25, 30]
     assert got == want  # every value bitwise, row for row
-    assert event_steps(tmp_path) == event_steps(workdir)  # TensorBoard: no step twice
+    assert event_scalars(tmp_path) == event_scalars(workdir)  # TensorBoard: the same, bitwise
+
+
+def test_the_tensorboard_comparison_sees_values_not_only_steps(reference, tmp_path):
+    config = config_every_5()
+    config.seed = 1
+    loop.train_and_evaluate(config, tmp_path)
+    workdir, _ = reference
+    mine, theirs = event_scalars(tmp_path), event_scalars(workdir)
+    assert [(step, tag) for step, tag, _ in mine] == [(step, tag) for step, tag, _ in theirs]
+    assert mine != theirs
 
 
 def test_a_resume_within_the_second_of_its_stop_keeps_the_stopped_runs_events(
@@ -105,11 +115,11 @@ def test_a_resume_within_the_second_of_its_stop_keeps_the_stopped_runs_events(
     # Event files are named by the second they were opened in: freeze the clock tensorboardX's
     # writer reads, and only that one (the loop's own timing keeps the real clock).
     monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1234567890.5))
-    stop_after(10, tmp_path, monkeypatch)
+    stop_after(10, tmp_path)
     loop.train_and_evaluate(config_every_5(), tmp_path)
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
     workdir, _ = reference
-    assert event_steps(tmp_path) == event_steps(workdir)
+    assert event_scalars(tmp_path) == event_scalars(workdir)
 
 
 def load_chaos():
@@ -120,12 +130,14 @@ def load_chaos():
 
 
 def test_three_sigkills_at_chosen_moments_change_nothing(tmp_path, capsys):
-    # A kill at a random time, one as a checkpoint is being written, one just after a report.
+    # The run kills itself just after a report (step 15, between checkpoints), just after the
+    # async save of step 20 started, and after the call of steps 31-35, restarted each time.
     chaos = load_chaos()
+    moments = ["report:15", "save:20", "step:35"]
     status = chaos.main(
         [
             "--config=configs/mlp.py:tiny",
-            "--kills=3",
+            f"--at={','.join(moments)}",
             f"--workdir={tmp_path}",
             "--config.data.train_split=train[:1024]",
             "--config.train.num_steps=60",
@@ -136,8 +148,9 @@ def test_three_sigkills_at_chosen_moments_change_nothing(tmp_path, capsys):
         ]
     )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["moments"] == {"random": 1, "checkpoint": 1, "report": 1}
+    assert summary["moments"] == moments  # every kill landed, at its moment
     assert (status, summary["differences"]) == (0, 0)
+    assert event_scalars(tmp_path / "killed") == event_scalars(tmp_path / "reference")
     # And the comparison can fail: another seed's run differs.
     other = tmp_path / "other"
     subprocess.run(
@@ -148,56 +161,58 @@ def test_three_sigkills_at_chosen_moments_change_nothing(tmp_path, capsys):
         cwd=REPO, check=True, capture_output=True,
     )  # fmt: skip
     assert chaos.differences(tmp_path / "reference", other)
+    assert event_scalars(other) != event_scalars(tmp_path / "reference")
 
 
-def cli(workdir, *overrides):
+def cli(workdir, *overrides, signal_at=None):
+    """The command line on `workdir`; `signal_at` sets its test hook (train/__main__.py), by
+    which the run signals itself at an exact step."""
+    env = dict(os.environ)
+    env.pop("JAXMODELS_TEST_SIGNAL", None)
+    if signal_at is not None:
+        env["JAXMODELS_TEST_SIGNAL"] = signal_at
     return subprocess.Popen(
         [sys.executable, "-m", "train", "--config=configs/mlp.py:tiny", f"--workdir={workdir}",
          "--config.train.steps_per_call=1", *overrides],
-        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
 
+def finish(process, returncode=0):
+    """Waits for `process` to end (the timeout is only a safety net); returns its stderr."""
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == returncode, stderr[-2000:]
+    return stderr
+
+
 def test_a_second_run_on_the_same_workdir_stops_at_once_and_harms_nothing(tmp_path):
-    # The first run is far longer than the test: SIGTERM ends it once the second has been
-    # refused, so no machine is fast enough to finish it before the second one starts.
-    first = cli(tmp_path, "--config.train.num_steps=1000000", "--config.train.log_every=10",
-                "--config.train.checkpoint_every=1000000")  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "metrics.jsonl").exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.05)
-    second = cli(tmp_path, "--config.train.num_steps=1000000", "--config.train.log_every=10")
-    _, stderr = second.communicate(timeout=120)
+    # The first run pauses itself (SIGSTOP) just after its report of step 10, holding the
+    # workdir; the test waits for that pause, runs the second, then lets the first go on to a
+    # SIGTERM of its own after step 20.
+    first = cli(tmp_path, "--config.train.num_steps=100", "--config.train.log_every=10",
+                "--config.train.checkpoint_every=100",
+                signal_at="SIGSTOP@report:10;SIGTERM@step:20")  # fmt: skip
+    _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it is paused (or gone)
+    assert os.WIFSTOPPED(status), first.communicate()
+    stderr = finish(cli(tmp_path, "--config.train.num_steps=100"), returncode=2)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert second.returncode == 2 and len(errors) == 1, stderr[-2000:]
+    assert len(errors) == 1, stderr[-2000:]
     assert f"is in use by another run (pid {first.pid} on " in errors[0]
-    assert first.poll() is None  # the refusal did not touch the first run
-    first.send_signal(signal.SIGTERM)
-    _, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr[-2000:]
-    stopped = re.search(r"Stopped by SIGTERM after step (\d+)", stderr)
-    assert stopped, stderr[-2000:]
-    last = int(stopped.group(1))
+    first.send_signal(signal.SIGCONT)
+    stderr = finish(first)  # the refusal did not touch it: it goes on and stops as asked
+    assert "Stopped by SIGTERM after step 20;" in stderr
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
-    assert steps == list(range(10, last + 1, 10))  # every report once, none from the second
-    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {str(last)}
-    # A killed run's lock goes with it: the next run on the workdir starts.
-    killed = cli(tmp_path / "killed", "--config.train.num_steps=1000000")
-    while not (tmp_path / "killed" / ".lock").exists():
-        assert killed.poll() is None, killed.communicate()
-        time.sleep(0.05)
-    killed.kill()
-    killed.wait()
-    again = cli(tmp_path / "killed", "--config.train.num_steps=20")
-    _, stderr = again.communicate(timeout=300)
-    assert again.returncode == 0, stderr[-2000:]
+    assert steps == [10, 20]  # every report once, none from the second
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"20"}
+    # A killed run's lock goes with it: the next run on the workdir starts. (It kills itself
+    # after step 1, with its workdir locked.)
+    finish(cli(tmp_path / "killed", signal_at="SIGKILL@step:1"), returncode=-signal.SIGKILL)
+    assert "pid " in (tmp_path / "killed" / ".lock").read_text()
+    finish(cli(tmp_path / "killed", "--config.train.num_steps=20"))
 
 
-def test_a_half_written_last_line_of_metrics_jsonl_is_dropped_on_resume(
-    reference, tmp_path, monkeypatch
-):
-    stop_after(20, tmp_path, monkeypatch)
+def test_a_half_written_last_line_of_metrics_jsonl_is_dropped_on_resume(reference, tmp_path):
+    stop_after(20, tmp_path)
     with (tmp_path / "metrics.jsonl").open("a") as file:
         file.write('{"step": 25, "train/lo')  # what a kill during a write leaves
     loop.train_and_evaluate(config_every_5(), tmp_path)
@@ -234,9 +249,8 @@ def test_an_unreadable_config_json_is_rewritten_and_the_run_resumes(content, tmp
 def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    process = cli(blocker / "run", "--config.train.num_steps=5")
-    _, stderr = process.communicate(timeout=120)
+    stderr = finish(cli(blocker / "run", "--config.train.num_steps=5"), returncode=2)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert process.returncode == 2 and len(errors) == 1, stderr[-2000:]
+    assert len(errors) == 1, stderr[-2000:]
     assert f"Cannot write to workdir {blocker / 'run'}" in errors[0]
     assert "pass a --workdir you can write to" in errors[0]

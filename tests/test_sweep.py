@@ -4,12 +4,13 @@ trials recorded; the space syntax, the draws, the metric summary and the pruning
 
 import json
 import math
+import os
 import pathlib
 import shlex
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -58,13 +59,18 @@ def read_lines(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "sweep.jsonl").read_text().splitlines()]
 
 
-def wait_for(path: pathlib.Path, text: str, process: subprocess.Popen) -> None:
-    """Waits until `path` holds `text`, while `process` runs."""
-    deadline = time.monotonic() + 600
-    while not (path.exists() and text in path.read_text(errors="replace")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"no {text!r} in {path}"
-        time.sleep(0.05)
+def read_until(process: subprocess.Popen, text: str) -> None:
+    """Reads `process`'s stdout (unbuffered: one byte at a time, so what follows stays for
+    `communicate`) until a line holds `text`."""
+    watchdog = threading.Timer(600, process.kill)  # a safety net only: a hung process ends
+    watchdog.start()
+    try:
+        for line in iter(process.stdout.readline, b""):
+            if text in line.decode(errors="replace"):
+                return
+    finally:
+        watchdog.cancel()
+    pytest.fail(f"no {text!r} in the output of {process.args}: {process.communicate()}")
 
 
 def without(lines: list[dict], key: str) -> list[dict]:
@@ -138,19 +144,24 @@ def test_seeded_random_sweep_of_four_trials(reference):
 def test_stopped_sweep_resumes_to_the_trials_of_an_uninterrupted_one(reference, tmp_path):
     reference_dir, _ = reference
     workdir = tmp_path / "stopped"
+    # Trial 2 sends SIGTERM to the sweep after its step 10 (train/__main__.py's test hook, which
+    # every trial inherits and only trial-002 acts on), as a scheduler stopping the sweep then
+    # would, and waits for the sweep to pass the stop on: it stops after step 10 on any machine.
+    env = dict(os.environ, JAXMODELS_TEST_SIGNAL="SIGTERM@step:10,workdir=trial-002,to=parent")
     process = subprocess.Popen(
-        sweep_command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    wait_for(workdir / "trial-000" / sweep.LOG, "=== ", process)
+        sweep_command(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        bufsize=0,
+    )  # fmt: skip
+    read_until(process, "Sweep of 4 trials")  # printed once the sweep holds its lock
+    process.send_signal(signal.SIGSTOP)  # paused, it holds the lock while a second sweep starts
+    _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once it is paused
+    assert os.WIFSTOPPED(status)
     second = run(sweep_command(workdir))  # a second sweep on the same directory is refused
     assert second.returncode == 2
     assert second.stderr.startswith(f"error: {workdir} is in use by another sweep (pid ")
     assert len(second.stderr.splitlines()) == 1
-    # Two trials done, the third has its progress bar up: its first call of 10 steps is
-    # compiling (seconds, with the compile cache off). Stop the sweep as a scheduler would.
-    wait_for(workdir / "trial-002" / sweep.LOG, f" 0/{NUM_STEPS} ", process)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=600)
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = (out.decode() for out in process.communicate(timeout=900))  # a safety net
     assert process.returncode == 0, stderr
     assert stdout.splitlines()[-1] == (
         "Stopped by SIGTERM: 2 of 4 trials done, 2 to run or resume (stopped trials keep their "

@@ -5,6 +5,16 @@ unknown model, config field, variant or data set, a batch that does not divide o
 ends with one line on stderr and exit status 2; --verbosity=1 also logs the traceback. A run
 that diverges, or a checkpoint that fails to restore and shows no damage, ends with one line and
 exit status 1.
+
+For tests only: JAXMODELS_TEST_SIGNAL=SIGNAL@MOMENT:STEP makes the run send SIGNAL to itself, once,
+at the first MOMENT at or after step STEP, so that a test stops, kills or pauses it at the same step
+on a fast machine as on a slow one. MOMENT is `step` (after the call that ran the step: a SIGTERM
+there stops the run after that step), `report` (after the step's report was written) or `save`
+(after the step's async checkpoint save was started). Options after commas: `workdir=NAME` acts
+only in a workdir named NAME (one trial of a sweep); `to=parent` sends SIGNAL to the parent process
+instead (a sweep) and waits until a signal comes back (the sweep passing its stop on). Specs are
+separated by `;`. Examples: SIGTERM@step:12, SIGKILL@save:20, SIGSTOP@report:10;SIGTERM@step:20,
+SIGTERM@step:10,workdir=trial-002,to=parent.
 """
 
 import codecs
@@ -12,6 +22,9 @@ import importlib.util
 import logging as std_logging
 import os
 import pathlib
+import select
+import signal
+import socket
 import sys
 import threading
 
@@ -36,6 +49,8 @@ FLAGS = flags.FLAGS
 # What bad input raises: the model table, the data pipeline and the loop's own checks. (Config
 # files and overrides are checked while flags are parsed, in `parse_flags`.)
 INPUT_ERRORS = (KeyError, TypeError, ValueError, FileNotFoundError)
+TEST_SIGNAL = "JAXMODELS_TEST_SIGNAL"  # tests only: see the docstring
+TEST_MOMENTS = ("step", "report", "save")  # the moments `loop.run_steps` calls `on_event` at
 
 
 def one_line(error: BaseException) -> str:
@@ -157,6 +172,68 @@ def restart_with(environ: dict[str, str] | None) -> None:
         logging.warning("Could not restart (%s); going on without those settings.", error)
 
 
+def test_signal_hook(text: str, workdir: str):
+    """The `on_event` of `loop.train_and_evaluate` that $JAXMODELS_TEST_SIGNAL (`text`) asks for,
+    or None (tests only; the grammar is in this module's docstring)."""
+    hooks = [one_test_signal(spec, workdir) for spec in text.split(";") if spec.strip()]
+    hooks = [hook for hook in hooks if hook is not None]
+    if not hooks:
+        return None
+
+    def on_event(moment: str, step: int) -> None:
+        for hook in hooks:
+            hook(moment, step)
+
+    return on_event
+
+
+def one_test_signal(spec: str, workdir: str):
+    """The hook of one SIGNAL@MOMENT:STEP[,workdir=NAME][,to=parent], or None if `workdir` is
+    not NAME."""
+    head, *options = spec.strip().split(",")
+    name, _, at = head.partition("@")
+    moment, _, step = at.rpartition(":")
+    settings = dict(option.partition("=")[::2] for option in options)
+    good = name in signal.Signals.__members__ and moment in TEST_MOMENTS and step.isdigit()
+    good = good and set(settings) <= {"workdir", "to"} and settings.get("to", "parent") == "parent"
+    if not good:
+        raise ValueError(
+            f"{TEST_SIGNAL}={spec!r} is not SIGNAL@MOMENT:STEP[,workdir=NAME][,to=parent] with "
+            f"MOMENT one of {', '.join(TEST_MOMENTS)}; it is for tests only: unset it."
+        )
+    if "workdir" in settings and pathlib.Path(workdir).name != settings["workdir"]:
+        return None
+    signum, first_step, fired = signal.Signals[name], int(step), []
+
+    def hook(at_moment: str, at_step: int) -> None:
+        if fired or at_moment != moment or at_step < first_step:
+            return
+        fired.append(at_step)
+        if settings.get("to") == "parent":
+            relay_to_parent(signum)
+        else:
+            # raise(), unlike a kill of the whole process, is taken by this thread before it
+            # returns, and Python runs the handler (the loop's stop request) right then.
+            signal.raise_signal(signum)
+
+    return hook
+
+
+def relay_to_parent(signum: signal.Signals, safety_net_s: float = 600) -> None:
+    """Sends `signum` to the parent process, then waits until this process gets a signal (the
+    parent passing its stop on), which Python's wakeup fd reports from whichever thread took it."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno())
+    try:
+        os.kill(os.getppid(), signum)
+        select.select([reader], [], [], safety_net_s)
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -187,7 +264,11 @@ def main(argv):
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
     logging.info("Workdir: %s", workdir)
     try:
-        _, scalars = loop.train_and_evaluate(config, workdir)
+        on_event = test_signal_hook(os.environ.get(TEST_SIGNAL, ""), workdir)
+    except ValueError as error:
+        fail(error)
+    try:
+        _, scalars = loop.train_and_evaluate(config, workdir, on_event=on_event)
     except INPUT_ERRORS as error:
         fail(error)
     except FloatingPointError as error:  # a diverged run: the last good checkpoint is kept

@@ -54,6 +54,7 @@ def train_and_evaluate(
     workdir: str | pathlib.Path,
     *,
     model: nn.Module | None = None,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
@@ -67,6 +68,8 @@ def train_and_evaluate(
       workdir: receives config.json, metrics.jsonl, TensorBoard files and checkpoints.
       model: a Flax module to train instead of the one `config.model` names (for a module of
         your own; it takes `(inputs, train=...)` and returns logits).
+      on_event: called as `on_event(moment, step)` at fixed moments of the run, for tests that
+        stop or kill it at an exact step (see `run_steps`); None: nothing is called.
 
     Returns:
       (the final train state, the scalars of the last report).
@@ -138,6 +141,7 @@ def train_and_evaluate(
                 window=window,
                 profile_dir=workdir / "profile",
                 best=best,
+                on_event=on_event,
             )
         if last_step < config.train.num_steps:
             manager.wait_until_finished()
@@ -503,6 +507,7 @@ def run_steps(
     window: ReportWindow | None = None,
     profile_dir: pathlib.Path | None = None,
     best: Any = None,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> tuple[TrainState, dict[str, float], int]:
     """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
 
@@ -511,7 +516,11 @@ def run_steps(
     `train.steps_per_call` steps). With `train.profile_steps` > 0, steps
     `train.profile_first_step` onwards are recorded by JAX's profiler into `profile_dir`.
     With a `best` manager (`train.keep_best`), every evaluation offers the parameters to it.
+    `on_event(moment, step)` is called after each call's steps ("step", before `should_stop()` is
+    asked, so a stop signal sent there stops the run after that step), after a report was written
+    ("report") and after the async save of a checkpoint was started ("save").
     """
+    on_event = on_event or (lambda moment, step: None)
     trace = StepTrace(config.train, profile_dir)
     window = ReportWindow.new(start_step) if window is None else window
     _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
@@ -542,6 +551,7 @@ def run_steps(
         window.add(step_sums, count)  # stays on device until a report
         step += count
         progress.update(count)
+        on_event("step", step)
 
         is_last = step == num_steps
         stop = should_stop()
@@ -564,11 +574,13 @@ def run_steps(
                 writer.write(step, scalars)
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
             window = ReportWindow.new(step)
+            on_event("report", step)
         elif stop:
             metrics.check_finite(metrics.summarize(window.sums, "train"), window.first_step, step)
         if is_checkpoint_step or stop:
             saved = saved_form(compiled.from_run(run_state), step_rng, window)
             checkpoint.save(manager, step, saved, train_iter)
+            on_event("save", step)
         if stop:
             break
     trace.close()

@@ -120,8 +120,34 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         config.train.checkpoint_every = 1000
         config.train.sample_lines = 2
         config.train.cpu_devices = 0  # one device: a step this small gains nothing from the split
+    elif variant in ("124m", "1b", "7b"):
+        # For TPU slices: check one on this machine first, then run it with the same flags, e.g.
+        #   python -m train.compile --config=configs/transformer.py:1b --topology=v5p-64
+        # The shapes of well-known open models (GPT-2 small, Pythia-1B, Pythia-6.9B) over UTF-8
+        # bytes: a vocabulary of 256 (>= tiny_shakespeare's 65 characters) keeps the embeddings
+        # small, so the parameters number 85M, 0.81B and 6.4B.
+        num_layers, width, num_heads, context, learning_rate = {
+            "124m": (12, 768, 12, 1024, 6e-4),
+            "1b": (16, 2048, 8, 2048, 3e-4),
+            "7b": (32, 4096, 32, 2048, 1.2e-4),
+        }[variant]
+        config.model.vocab_size = 256
+        config.model.num_layers = num_layers
+        config.model.width = width
+        config.model.num_heads = num_heads
+        config.model.mlp_dim = 4 * width
+        config.model.max_len = context
+        config.model.dtype = "bfloat16"  # matmuls in bf16, parameters and Adam moments float32
+        config.model.remat = True  # keep only each layer's input for the backward pass
+        config.model.scan_layers = True  # compile one layer, whatever the depth
+        config.data.seq_len = context
+        config.data.batch_size = 256  # sequences: 0.26M (124m) or 0.52M tokens a step
+        config.optimizer.learning_rate = learning_rate
+        config.train.mesh.data = 1  # FSDP over every device; Multislice: data = the slices
+        config.train.mesh.fsdp = -1
     elif variant != "default":
         raise ValueError(
-            f"Unknown variant {variant!r} of configs/transformer.py. Known: default, tiny, small"
+            f"Unknown variant {variant!r} of configs/transformer.py. Known: default, tiny, small, "
+            "124m, 1b, 7b"
         )
     return config

@@ -70,7 +70,9 @@ def test_memory_mode_prints_all_keys_and_the_hand_flop_count(benchmark, capsys):
     # work (and, on 4 devices, the gradient all-reduce): 2/3 of the hand count (52,360,704) and a
     # little more.
     assert 52_360_704 <= line["xla_flops_per_step"] < 1.1 * 52_360_704
-    assert 0 < line["share_of_peak"] < 2
+    # A ratio of two timings: positive, bounded by the repeats below, never a fixed ceiling
+    # (on a loaded machine the peak's matmul can run slower than the step's).
+    assert line["share_of_peak"] > 0
     assert line["peak_gflops"] > 0 and line["compile_s"] > 0
     assert line["step_ms_min"] <= line["step_ms"] <= line["step_ms_max"]
     # One peak per repeat, each repeat's share against its own: the median share lies between

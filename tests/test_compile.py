@@ -257,10 +257,7 @@ def test_1b_without_fsdp_is_refused_in_one_line_on_v5e_8():
     assert report["fits"] is False and report["per_device_bytes"] > report["hbm_bytes"]
 
 
-@pytest.mark.skipif(
-    not os.environ.get("JAXMODELS_SLOW_TESTS"),
-    reason="compiles a 0.8B-parameter step for 32 chips, about a minute: JAXMODELS_SLOW_TESTS=1",
-)
+@pytest.mark.slow  # compiles a 0.8B-parameter step for 32 chips: about a minute
 @needs_libtpu
 def test_1b_fits_a_v5p_64():
     report, _ = tc.compile_train_step(

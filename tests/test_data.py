@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from train import data, parallel
 
@@ -68,7 +69,7 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
 
 def shakespeare_text(split: str = "train") -> str:
     """A split of the embedded tiny_shakespeare, read by tfds itself (one example per split)."""
-    source = data.tfds.data_source(
+    source = tfds.data_source(
         "tiny_shakespeare", split=split, data_dir=data.EMBEDDED_DATA_DIR, download=False
     )
     return source[0]["text"].decode("utf-8")
@@ -76,7 +77,7 @@ def shakespeare_text(split: str = "train") -> str:
 
 def sst2_sentences(data_dir: str, split: str = "train") -> list[str]:
     """Every sentence of an SST-2 split, in order, read by tfds itself."""
-    source = data.tfds.data_source("glue/sst2", split=split, data_dir=data_dir, download=False)
+    source = tfds.data_source("glue/sst2", split=split, data_dir=data_dir, download=False)
     return [ex["sentence"].decode("utf-8") for ex in source.__getitems__(range(len(source)))]
 
 
@@ -151,7 +152,7 @@ def test_mnist_info_and_train_batches(data_dir):
     assert 0.0 <= first["inputs"].min() and first["inputs"].max() == 1.0
 
     # Two batches are one epoch of 256 examples: each exactly once, whatever the order.
-    source = data.tfds.data_source("mnist", split="train[:256]", data_dir=data_dir, download=False)
+    source = tfds.data_source("mnist", split="train[:256]", data_dir=data_dir, download=False)
     examples = source.__getitems__(list(range(256)))
     labels = np.array([ex["label"] for ex in examples])
     pixels = np.array([ex["image"].sum() for ex in examples])
@@ -262,16 +263,16 @@ def test_sst2_full_vocabulary_matches_raw_tsv(shared_data_dir):
 def test_slices_are_the_first_examples_of_the_full_sets(shared_data_dir, data_dir):
     # What tests/data/make_slices.py writes: each split's first examples, the records unchanged.
     full_dir = shared_data_dir / "tensorflow_datasets_array_record"
-    raw = data.tfds.decode.DeserializeMethod.RAW_BYTES
+    raw = tfds.decode.DeserializeMethod.RAW_BYTES
     for name, splits in {
         "mnist": ("train", "test"),
         "glue/sst2": ("train", "validation", "test"),
     }.items():
         for split in splits:
-            piece = data.tfds.data_source(
+            piece = tfds.data_source(
                 name, split=split, data_dir=data_dir, download=False, deserialize_method=raw
             )
-            whole = data.tfds.data_source(
+            whole = tfds.data_source(
                 name,
                 split=f"{split}[:{len(piece)}]",
                 data_dir=full_dir,

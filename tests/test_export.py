@@ -114,7 +114,8 @@ training_code = ("flax", "optax", "orbax", "jaxmodels", "tensorflow_datasets", "
 print(json.dumps({
     "imported": sorted(
         m for m in sys.modules
-        if m.split(".")[0] in training_code or (m.startswith("train.") and m != "train.serve")
+        if m.split(".")[0] in training_code
+        or (m.startswith("train.") and m not in ("train.serve", "train.cli"))  # cli: stdlib only
     ),
     "input_shape": str(exported.in_avals[0].shape),
 }))

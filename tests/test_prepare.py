@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from train import data, prepare
+from train import data, prepare, tfds_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RAW = tfds.decode.DeserializeMethod.RAW_BYTES
@@ -219,6 +219,11 @@ def test_a_missing_file_or_data_set_is_one_line(tmp_path, capsys):
     )
     assert "usage: python -m train.prepare NAME..." in error_of()
     assert not (tmp_path / "tfds").exists()
+
+
+def test_missing_data_errors_name_prepare_for_what_it_prepares():
+    # train.tfds_files names `python -m train.prepare` in its errors for these data sets only.
+    assert prepare.DATASETS == sorted(tfds_files.PREPARABLE)
 
 
 def test_sst2_tsvs_are_checked_against_their_own_sha256(tmp_path):

@@ -387,22 +387,34 @@ def check_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any)
         ("params", "another model", "the config it was trained with"),
         ("opt_state", "another optimizer's state", "the optimizer it was trained with"),
     ):
-        wanted, found = _shapes(abstract_state[part]), _shapes(saved[part])
-        if wanted != found:
-            differ = sorted(
-                k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k)
-            )
-            name = differ[0]
+        differ = shape_differences(saved[part], abstract_state[part])
+        if differ:
+            name, there, here = differ[0]
             raise ValueError(
                 f"Checkpoint step {step} in {manager.directory} holds {what}: {part} entry {name} "
-                f"is {_shape_text(found.get(name))} there and {_shape_text(wanted.get(name))} in "
-                f"this config ({len(differ)} differ); use another --workdir or {fix}."
+                f"is {_shape_text(there)} there and {_shape_text(here)} in this config "
+                f"({len(differ)} differ); use another --workdir or {fix}."
             )
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{path: shape} of `tree`'s arrays. A path names each key, field or index alike, since the
-    checkpoint's metadata holds a NamedTuple's fields as a dict and a tuple as a list."""
+Shape = tuple[int, ...]
+
+
+def shape_differences(found: Any, wanted: Any) -> list[tuple[str, Shape | None, Shape | None]]:
+    """Where two trees of arrays (or of a checkpoint's metadata) differ in names or shapes.
+
+    Returns `(path, shape in found, shape in wanted)` for each such entry, by path, None where an
+    entry is absent; [] when the two agree. A path ('params/dense/kernel', 'opt_state/0/count')
+    names each key, field or index alike, since a checkpoint's metadata holds a NamedTuple's fields
+    as a dict and a tuple as a list.
+    """
+    found, wanted = _shapes(found), _shapes(wanted)
+    paths = sorted(p for p in found.keys() | wanted.keys() if found.get(p) != wanted.get(p))
+    return [(path, found.get(path), wanted.get(path)) for path in paths]
+
+
+def _shapes(tree: Any) -> dict[str, Shape]:
+    """{path: shape} of `tree`'s arrays."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     keystr = functools.partial(jax.tree_util.keystr, simple=True, separator="/")
     return {keystr(path): tuple(leaf.shape) for path, leaf in leaves}

@@ -1,7 +1,7 @@
-"""Small command lines after training (train.export, train.plot): argparse with one-line errors.
+"""What every command line of train/ shares: argparse with one-line errors, and `--step` values.
 
-Imports nothing but the standard library, so `python -m train.plot` starts without JAX.
-`train/serve.py` keeps its own copy of these lines: it imports nothing from `train`.
+Imports nothing but the standard library, so `python -m train.plot` starts without JAX and
+`python -m train.serve` runs an export with JAX and numpy alone.
 """
 
 import argparse
@@ -10,15 +10,16 @@ import sys
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument ends with one line on stderr and exit status 2, as
-    `python -m train` does (argparse itself prints the usage first). The description is shown as
-    written: the module docstrings' tables stay tables."""
+    `python -m train` does (argparse itself prints the usage first), the usage in brackets at its
+    end where one is given (`usage=`). The description is shown as written: the module
+    docstrings' tables stay tables."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        fail(message)
+        fail(f"{message} ({self.format_usage().strip()})" if self.usage else message)
 
 
 def fail(error: BaseException | str, status: int = 2):

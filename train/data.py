@@ -8,9 +8,9 @@ Three data sets, one kind of batch each (keys `inputs`, `targets`, `weights`):
     addition, ...     translation-style pairs, with `decoder_inputs` too (train/translation.py)
 
 `weights` (float32) has the shape of `targets`. `b` is this process's share of the global
-`data.batch_size`. Nothing here imports TensorFlow: tfds reads the ArrayRecord files with numpy (and
-PIL decodes MNIST's PNGs, once per split, into memory); grain iterates over whole batches, reads
-them ahead and checkpoints the position.
+`data.batch_size`. Nothing here imports TensorFlow: tfds reads the ArrayRecord files with numpy
+(`train.tfds_files` finds them and reads their records; PIL decodes MNIST's PNGs, once per split,
+into memory); grain iterates over whole batches, reads them ahead and checkpoints the position.
 
 How a training batch is made. Element k of a grain MapDataset is global batch k, never a single
 example: positions k * B .. k * B + B - 1 (B = `data.batch_size`) of an endless stream in which
@@ -38,7 +38,6 @@ import collections
 import dataclasses
 import functools
 import io
-import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -47,11 +46,9 @@ import grain
 import ml_collections
 import numpy as np
 import PIL.Image
-import tensorflow_datasets as tfds
 from absl import logging
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from train import translation
+from train import tfds_files, translation
 
 Batch = dict[str, np.ndarray]
 
@@ -67,7 +64,6 @@ PAD_ID, UNK_ID = 0, 1  # word vocabularies only; the character vocabulary has ne
 # Vocabularies come from the whole train split, whatever data.train_split: one vocabulary per
 # data set, shared by every config that trains on it.
 _VOCAB_SPLIT = "train"
-_READ_CHUNK = 4096  # examples per batched read when a whole split is loaded
 # A TFDS data dir inside the package (tiny_shakespeare, 0.7 MB), read when the configured data dir
 # has no copy of a data set it holds: `python -m train --config=configs/transformer.py` runs
 # anywhere, offline, with nothing prepared. Written by `python -m train.prepare`.
@@ -122,12 +118,6 @@ class DatasetInfo:
         return "".join(tokens)
 
 
-def configured_data_dir(data_dir: str | os.PathLike | None) -> str:
-    """`data_dir`, else $TFDS_DATA_DIR, else tfds's default ~/tensorflow_datasets."""
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    return os.path.expanduser(os.fspath(data_dir))
-
-
 def resolve_data_dir(data_config: ml_collections.ConfigDict) -> str:
     """The TFDS data dir `data.dataset` is read from.
 
@@ -135,7 +125,7 @@ def resolve_data_dir(data_config: ml_collections.ConfigDict) -> str:
     dir holds no prepared copy of the data set and the package embeds one (`EMBEDDED_DATA_DIR`),
     the embedded one.
     """
-    data_dir = configured_data_dir(data_config.data_dir)
+    data_dir = tfds_files.configured_data_dir(data_config.data_dir)
     dataset = data_config.dataset
     if _has_prepared_copy(data_dir, dataset) or not _has_prepared_copy(EMBEDDED_DATA_DIR, dataset):
         return data_dir
@@ -337,69 +327,11 @@ def eval_batches(
 # --- Reading splits -------------------------------------------------------------------------------
 
 
-def _not_found(dataset: str, data_dir: str, why: str, elsewhere: bool = False) -> FileNotFoundError:
-    """A one-line error naming the command that prepares `dataset` in `data_dir` (`elsewhere`:
-    in another dir, since `data_dir` holds a copy in a form this pipeline cannot read)."""
-    from train import prepare  # the data sets `python -m train.prepare` knows (imports this)
-
-    name = dataset.split(":")[0]
-    if name not in prepare.DATASETS:
-        fix = "Point data.data_dir or TFDS_DATA_DIR at a TFDS data dir that holds it as ArrayRecord"
-    elif elsewhere:
-        fix = (
-            f"Prepare it as ArrayRecord in another dir: python -m train.prepare {name} "
-            f"--data_dir=DIR, and point data.data_dir or TFDS_DATA_DIR at DIR"
-        )
-    else:
-        fix = (
-            f"Prepare it: python -m train.prepare {name} --data_dir={data_dir} (or point "
-            f"data.data_dir or TFDS_DATA_DIR at a dir that holds it)"
-        )
-    return FileNotFoundError(f"Data set {dataset!r} {why} in data dir {data_dir}. {fix}.")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _builder(dataset: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The prepared tfds builder of `dataset`; a one-line FileNotFoundError if there is none."""
-    # tfds raises DatasetNotFoundError (a ValueError) listing the whole catalogue, and an
-    # AssertionError for an unknown version of a known data set ('mnist:9.9.9').
-    try:
-        builder = tfds.builder(dataset, data_dir=data_dir)
-    except (ValueError, KeyError, AssertionError) as err:
-        raise _not_found(dataset, data_dir, f"is not found ({_first_line(err)})") from None
-    if not builder.is_prepared():
-        raise _not_found(dataset, data_dir, "is not prepared")
-    return builder
-
-
-def _source(dataset: str, data_dir: str, split: str, **kwargs) -> Sequence:
-    """tfds's random-access source of one split; one-line errors for missing data or splits.
-
-    `kwargs` go to `tfds.data_source` (`deserialize_method`, `decoders`).
-    """
-    builder = _builder(dataset, data_dir)
-    try:
-        return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False, **kwargs)
-    except NotImplementedError:  # prepared, but as TFRecord, which has no random access
-        why = f"is prepared as {builder.info.file_format.value}, not ArrayRecord,"
-        raise _not_found(dataset, data_dir, why, elsewhere=True) from None
-    except (ValueError, KeyError) as err:
-        splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-        raise ValueError(
-            f"Split {split!r} of data set {dataset!r} in data dir {data_dir} is not valid "
-            f"({_first_line(err)}). Splits: {splits}; slices look like 'train[:2048]'."
-        ) from None
-
-
 def _kind(dataset: str, data_dir: str) -> str:
     """'image', 'characters', 'words' or 'seq2seq' (see DATASETS)."""
     name = dataset.split(":")[0]  # allow a pinned version: 'mnist:3.0.1'
     if name not in DATASETS:
-        _builder(dataset, data_dir)  # an unknown or missing data set is a FileNotFoundError
+        tfds_files.builder(dataset, data_dir)  # unknown or missing: a FileNotFoundError
         raise ValueError(
             f"Data set {dataset!r} (in {data_dir}) has no input pipeline here. "
             f"Known: {sorted(DATASETS)}"
@@ -407,71 +339,10 @@ def _kind(dataset: str, data_dir: str) -> str:
     return DATASETS[name]
 
 
-def _read_all(source: Sequence) -> list:
-    """Every example of a split, in order, with batched reads."""
-    examples = []
-    for start in range(0, len(source), _READ_CHUNK):
-        examples.extend(
-            source.__getitems__(list(range(start, min(start + _READ_CHUNK, len(source)))))
-        )
-    return examples
-
-
-def _bytes_feature(dataset: str, data_dir: str, split: str, feature: str) -> list[bytes]:
-    """One bytes feature of every example of a split, in order.
-
-    Parses the stored tf.train.Example records with protobuf (`_example_message`), several times
-    faster than tfds's generic numpy decoding, which runs Python per feature of every example
-    (SST-2's 67349 training sentences: 0.3 s against 3.3 s).
-    """
-    source = _source(
-        dataset, data_dir, split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-    )
-    parse = _example_message().FromString
-    return [parse(r).features.feature[feature].bytes_list.value[0] for r in _read_all(source)]
-
-
-@functools.cache  # one message class per process
-def _example_message() -> type:
-    """The protobuf message class of a serialized tf.train.Example, as TFDS stores examples.
-
-    Built with protobuf's public descriptor API from the fields of TensorFlow's example.proto and
-    feature.proto that these records use, since tfds ships its generated module only as an
-    internal one: Example {Features features = 1}, Features {map<string, Feature> feature = 1},
-    Feature {one of BytesList bytes_list = 1, FloatList float_list = 2, Int64List int64_list = 3},
-    each list {repeated value = 1} (packed or not: protobuf reads both).
-    """
-    field = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(name="train/tf_example.proto", package="train")
-
-    def add(message, name: str, number: int, kind: int, type_name: str | None = None, *, repeated):
-        label = field.LABEL_REPEATED if repeated else field.LABEL_OPTIONAL
-        message.field.add(name=name, number=number, label=label, type=kind, type_name=type_name)
-
-    for name, kind in (("BytesList", field.TYPE_BYTES), ("FloatList", field.TYPE_FLOAT)):
-        add(proto.message_type.add(name=name), "value", 1, kind, repeated=True)
-    add(proto.message_type.add(name="Int64List"), "value", 1, field.TYPE_INT64, repeated=True)
-    feature = proto.message_type.add(name="Feature")
-    for number, name in enumerate(("bytes_list", "float_list", "int64_list"), start=1):
-        list_type = ".train." + name.title().replace("_", "")  # .train.BytesList, ...
-        add(feature, name, number, field.TYPE_MESSAGE, list_type, repeated=False)
-    features = proto.message_type.add(name="Features")
-    entry = features.nested_type.add(name="FeatureEntry")  # a map is a repeated key-value entry
-    entry.options.map_entry = True
-    add(entry, "key", 1, field.TYPE_STRING, repeated=False)
-    add(entry, "value", 2, field.TYPE_MESSAGE, ".train.Feature", repeated=False)
-    add(features, "feature", 1, field.TYPE_MESSAGE, ".train.Features.FeatureEntry", repeated=True)
-    example = proto.message_type.add(name="Example")
-    add(example, "features", 1, field.TYPE_MESSAGE, ".train.Features", repeated=False)
-    pool = descriptor_pool.DescriptorPool()  # a pool of its own: nothing registered process-wide
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("train.Example"))
-
-
 @functools.lru_cache(maxsize=8)
 def _split_text(dataset: str, data_dir: str, split: str) -> str:
     """The `text` of a split's examples, concatenated (tiny_shakespeare: one example per split)."""
-    return b"".join(_bytes_feature(dataset, data_dir, split, "text")).decode("utf-8")
+    return b"".join(tfds_files.bytes_feature(dataset, data_dir, split, "text")).decode("utf-8")
 
 
 @functools.lru_cache(maxsize=8)
@@ -480,7 +351,7 @@ def _load_info(dataset: str, data_dir: str, vocab_size: int) -> DatasetInfo:
     if kind == "seq2seq":
         return translation.load_info(dataset)
     if kind == "image":
-        num_classes = _builder(dataset, data_dir).info.features["label"].num_classes
+        num_classes = tfds_files.builder(dataset, data_dir).info.features["label"].num_classes
         return DatasetInfo(vocab_size=0, num_classes=num_classes, is_language_model=False)
     if kind == "characters":
         vocab = tuple(sorted(set(_split_text(dataset, data_dir, _VOCAB_SPLIT))))
@@ -491,12 +362,12 @@ def _load_info(dataset: str, data_dir: str, vocab_size: int) -> DatasetInfo:
         raise ValueError(
             f"data.vocab_size={vocab_size} must leave room for <pad>, <unk> and words."
         )
-    sentences = _bytes_feature(dataset, data_dir, _VOCAB_SPLIT, "sentence")
+    sentences = tfds_files.bytes_feature(dataset, data_dir, _VOCAB_SPLIT, "sentence")
     counts = collections.Counter(b"\n".join(sentences).decode("utf-8").lower().split())
     # Most frequent first, ties alphabetical: the same vocabulary on every machine.
     words = sorted(counts, key=lambda w: (-counts[w], w))[: vocab_size - 2]
     vocab = ("<pad>", "<unk>", *words)
-    num_classes = _builder(dataset, data_dir).info.features["label"].num_classes
+    num_classes = tfds_files.builder(dataset, data_dir).info.features["label"].num_classes
     return DatasetInfo(
         vocab_size=len(vocab),
         num_classes=num_classes,
@@ -573,14 +444,11 @@ def _image_pixels(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, 
     small model's step), leaves a batch costing one gather. Parsing the stored tf.train.Example and
     calling PIL directly, as here, is about twice as fast as tfds's own numpy decoding.
     """
-    shape = _builder(dataset, data_dir).info.features["image"].shape  # (28, 28, 1)
-    source = _source(
-        dataset, data_dir, split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-    )
-    records = _read_all(source)
+    shape = tfds_files.builder(dataset, data_dir).info.features["image"].shape  # (28, 28, 1)
+    records = tfds_files.records(dataset, data_dir, split)
     pixels = np.empty((len(records), *shape), np.uint8)  # [n, 28, 28, 1]
     labels = np.empty(len(records), np.int32)
-    parse = _example_message().FromString
+    parse = tfds_files.example_message().FromString
     for i, record in enumerate(records):
         feature = parse(record).features.feature
         png = feature["image"].bytes_list.value[0]
@@ -663,7 +531,7 @@ def _split_examples(
         examples = translation.split_examples(dataset, data_dir, split, seq_len, training)
     else:
         _check_seq_len(seq_len, dataset)
-        source = _source(dataset, data_dir, split)
+        source = tfds_files.source(dataset, data_dir, split)
         examples = _sentence_batch(
             source, _load_info(dataset, data_dir, vocab_size), seq_len, np.arange(len(source))
         )

@@ -40,7 +40,6 @@ SST-2.zip (TFDS's download manager, then Python's zipfile).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gzip
@@ -48,7 +47,6 @@ import hashlib
 import os
 import pathlib
 import struct
-import sys
 import tempfile
 import urllib.parse
 import zipfile
@@ -59,7 +57,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
-from train import data
+from train import cli, tfds_files
 
 _SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -214,17 +212,13 @@ def _download(
         return [pathlib.Path(dl_manager.download(url)) for url in urls]
     except (OSError, tfds.download.DownloadError) as error:
         files = ", ".join(builder.url_infos[url].filename for url in urls)
+        why = tfds_files.first_line(error)
         raise ConnectionError(
-            f"{name}: could not download {', '.join(urls)} ({_first_line(error)}). Without a "
-            f"network, pass --manual_dir=DIR with local copies of {files}."
+            f"{name}: could not download {', '.join(urls)} ({why}). Without a network, pass "
+            f"--manual_dir=DIR with local copies of {files}."
         ) from None
     except download_manager.NonMatchingChecksumError as error:
-        raise ValueError(f"{name}: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise ValueError(f"{name}: {tfds_files.first_line(error)}") from None
 
 
 # --- Split generators: each builder's own, less TensorFlow ----------------------------------------
@@ -283,7 +277,7 @@ _SPLIT_GENERATORS: dict[str, Callable[..., dict[str, _Examples]]] = {
     "mnist": _mnist_splits,
     "tiny_shakespeare": _shakespeare_splits,
 }
-DATASETS = sorted(_SPLIT_GENERATORS)  # what this prepares
+DATASETS = sorted(_SPLIT_GENERATORS)  # what this prepares: tfds_files.PREPARABLE
 
 
 # --- PNG as TensorFlow writes it ------------------------------------------------------------------
@@ -366,22 +360,10 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 # --- Command line ---------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and status 2, as `python -m train`
-        _fail(
-            f"{message} (usage: python -m train.prepare NAME... [--data_dir=DIR] "
-            f"[--manual_dir=DIR])"
-        )
-
-
-def _fail(message: str) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(
+    parser = cli.ArgumentParser(
         prog="python -m train.prepare",
+        usage="%(prog)s NAME... [--data_dir=DIR] [--manual_dir=DIR]",
         description="Prepares TFDS data sets as ArrayRecord shards, without TensorFlow.",
     )
     parser.add_argument("names", nargs="+", metavar="NAME", help=" ".join(DATASETS))
@@ -397,14 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in _SPLIT_GENERATORS]
     if unknown:
-        _fail(f"Unknown data set {unknown[0]!r}. Known: {DATASETS}")
-    data_dir = data.configured_data_dir(args.data_dir)
+        cli.fail(f"Unknown data set {unknown[0]!r}. Known: {DATASETS}")
+    data_dir = tfds_files.configured_data_dir(args.data_dir)
     tfds.disable_progress_bar()
     for name in args.names:
         try:
             path = prepare(name, data_dir, args.manual_dir)
         except (ValueError, OSError) as error:
-            _fail(str(error))
+            cli.fail(str(error))
         splits = tfds.builder_from_directory(path).info.splits
         counts = ", ".join(f"{split} {info.num_examples}" for split, info in splits.items())
         print(f"{name}: {counts} examples in {path}", flush=True)

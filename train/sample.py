@@ -32,9 +32,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmodels import Seq2Seq, Transformer
-from train import cli
+from train import cli, translation
 
 ApplyFn = Callable[..., Any]
 
@@ -352,9 +353,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace) -> str:
     """The text `python -m train.sample` prints; logs its timing to stderr."""
-    import numpy as np
-
-    from train import trained, translation
+    # Not a circle: orbax and the data pipeline, which only this command needs, kept out of
+    # `import train.steps` (which imports this module for decoding).
+    from train import trained
 
     if args.length < 1 or args.num_samples < 1:
         raise ValueError("--length and --num_samples must be at least 1.")
@@ -427,9 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         text = generate(args)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
-        message = str(error.args[0]) if error.args else type(error).__name__
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(error)
     print(text)
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.export  # older JAX (0.7) does not import it with jax
 import numpy as np
+
+from train import cli  # the standard library alone
 
 
 def load(path: str | pathlib.Path) -> tuple[jax.export.Exported, dict[str, Any]]:
@@ -172,28 +173,13 @@ def generate(
 # --- Command line ---------------------------------------------------------------------------------
 
 
-# train/cli.py's two helpers, copied: this module imports nothing from `train`.
-class _ArgumentParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # one line and status 2, not argparse's usage and message
-        fail(message)
-
-
-def fail(error: BaseException | str) -> None:
-    """Ends the program with `error` on one line of stderr and exit status 2 (bad input)."""
-    text = error if isinstance(error, str) else (str(error.args[0]) if error.args else repr(error))
-    print(f"error: {' '.join(text.split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 INPUT_FLAG = {"image_classifier": "image", "text_classifier": "text", "language_model": "prompt"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = _ArgumentParser(prog="python -m train.serve", description=__doc__.split("\n\n", 1)[1])
+    parser = cli.ArgumentParser(
+        prog="python -m train.serve", description=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("file", help="A .jaxexport file of python -m train.export.")
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--image", help="MNIST classifier: an image file (PNG, ..., or .npy).")
@@ -209,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         exported, meta = load(args.file)
         print(answer(exported, meta, args))
     except (FileNotFoundError, ValueError, KeyError) as error:
-        fail(error)
+        cli.fail(error)
 
 
 def answer(exported: jax.export.Exported, meta: dict[str, Any], args: argparse.Namespace) -> str:

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from train import data
+from train import checkpoint, data
 from train.state import as_tuple, build_model, example_inputs
 
 
@@ -153,20 +153,11 @@ def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
 
 def _check_shapes(saved: Any, target: Any, path: pathlib.Path, workdir: pathlib.Path) -> None:
     """Raises ValueError if the saved parameters differ in names or shapes from the model's."""
-    saved, wanted = _shapes(saved), _shapes(target)
-    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    differ = checkpoint.shape_differences(saved, target)
     if differ:
-        name = differ[0]
+        name, *shapes = differ[0]
+        there, here = ("absent" if shape is None else shape for shape in shapes)
         raise ValueError(
             f"{path} does not hold the parameters of the model in {workdir / 'config.json'}: "
-            f"{name} is {saved.get(name, 'absent')} there and {wanted.get(name, 'absent')} in the "
-            f"model ({len(differ)} differ)."
+            f"{name} is {there} there and {here} in the model ({len(differ)} differ)."
         )
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        jax.tree_util.keystr(key, simple=True, separator="/"): tuple(leaf.shape)
-        for key, leaf in leaves
-    }

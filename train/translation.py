@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from train import tfds_files
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the first ids of every vocabulary here
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -196,10 +198,8 @@ def _addition_pairs(split: str) -> tuple[list[str], list[str]]:
 def _tfds_pairs(dataset: str, data_dir: str, split: str) -> tuple[list[str], list[str]]:
     """The (source, target) texts of a TFDS translation split, in the order of its
     `supervised_keys` (`("pt", "en")` for ted_hrlr_translate/pt_to_en)."""
-    from train import data  # data.py imports this module: import it only when called
-
     try:
-        builder = data._builder(dataset, data_dir)
+        builder = tfds_files.builder(dataset, data_dir)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"Translation data set {dataset!r} is not prepared in data dir {data_dir}; prepare "
@@ -209,6 +209,6 @@ def _tfds_pairs(dataset: str, data_dir: str, split: str) -> tuple[list[str], lis
         ) from None
     source_key, target_key = builder.info.supervised_keys
     return tuple(
-        [text.decode("utf-8") for text in data._bytes_feature(dataset, data_dir, split, key)]
+        [text.decode("utf-8") for text in tfds_files.bytes_feature(dataset, data_dir, split, key)]
         for key in (source_key, target_key)
     )

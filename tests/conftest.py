@@ -31,10 +31,20 @@ import pytest  # noqa: E402
 
 # Many tests build the same tiny configs' steps again (a reference run, then a stopped and a
 # resumed one): a persistent compilation cache for this test session, in a fresh directory so
-# no test reads another session's executables, compiles each once. In this process only; the
-# command-line runs the tests start use their configs' own cache settings.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="jaxmodels-tests-xla-")
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+# no test reads another session's executables, compiles each once. Under pytest-xdist the
+# workers share their controller's (JAX writes each entry whole, so a worker reads a program
+# another compiled, never half of it), which the controller made and removes at exit. In
+# these processes only; the command-line runs the tests start use their configs' own cache
+# settings.
+_IS_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+_COMPILE_CACHE = os.path.join(
+    tempfile.gettempdir(),
+    f"jaxmodels-tests-xla-{os.getppid() if _IS_XDIST_WORKER else os.getpid()}",
+)
+if not _IS_XDIST_WORKER:
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)  # a dead process's of the same number
+    atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.makedirs(_COMPILE_CACHE, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -1,7 +1,8 @@
 """Command line: python -m train.sweep --config=configs/X.py[:variant] --param='FIELD=SPACE' ...
 
 Searches hyperparameters by running the ordinary training command, `python -m train`, once per
-trial, each in a workdir of its own (DIR/trial-000, DIR/trial-001, ...):
+trial, each in a workdir of its own (DIR/trial-000, DIR/trial-001, ...). The trials are one
+optuna study, kept in --storage (default sqlite:///DIR/sweep.db; the study is named after DIR):
 
   python -m train.sweep --config=configs/mlp.py:tiny --workdir=runs/mlp-sweep \\
       --param='optimizer.learning_rate=loguniform(1e-3,0.3)' \\
@@ -9,28 +10,35 @@ trial, each in a workdir of its own (DIR/trial-000, DIR/trial-001, ...):
       --config.train.num_steps=100          # any --config.FIELD=VALUE goes to every trial
 
 Spaces (FIELD is a config field, e.g. optimizer.learning_rate or seed):
-  loguniform(a,b)      a float drawn uniformly in log space, 0 < a < b
-  uniform(a,b)         a float drawn uniformly in [a, b]
+  loguniform(a,b)      a float, its logarithm uniform, 0 < a < b
+  uniform(a,b)         a float in [a, b]
   int(a,b)             an integer in a..b, both included
   choice(v1,v2,...)    one of the values, written as on the command line: 0.1, adam, (256,256)
-Floats are drawn to 3 significant digits. Random search draws trial K's values from
-numpy.random.default_rng([seed, K]): the same trials on every run and every machine, and more
---trials only add trials. --grid runs every combination instead (--grid_points values of each
-float range, log-spaced for loguniform; every integer of an int range).
+--sampler picks the values: tpe (default), random, grid (--grid_points values of each float
+range, log-spaced for loguniform; every integer of an int range), cmaes, gp or qmc. Trial K's
+random draws are seeded by (--seed, K), so the same command proposes the same first trials.
+--pruner (median, percentile, hyperband; default none) stops a trial at an evaluation, from the
+reports in its metrics.jsonl, that the finished trials' reports say is not worth going on.
 
-DIR/sweep.jsonl gets one line per trial that has run (trial, workdir, status: done, failed,
-pruned or stopped; overrides; the metric's best value, its step and the final value; steps; wall
-time; reason), DIR/sweep_curves.png the trials' training curves and DIR/sweep_params.png the
-final metric against each parameter. The end prints a table, the best trial (by the final value
-of --metric, which is what retraining it gives) and the command that retrains it.
+--trials=N is the study's total. Every worker started with the same command (on one machine or
+many, with a --storage they share, e.g. postgresql://...) takes trials nobody has, and together
+they run exactly N. A worker records a heartbeat for its trials every --heartbeat seconds; the
+trial of a worker that died is taken back after two missed heartbeats and resumed from its
+checkpoint by another worker.
 
-A sweep is a run like any other. SIGTERM or Ctrl-C passes SIGTERM on to the running trials, which
-save a checkpoint; the sweep exits 0 and the same command resumes it: finished and failed trials
-are kept, a stopped trial resumes from its checkpoint. A trial that fails (a bad value, a
-non-finite loss) is recorded with its one-line reason and the sweep goes on. --parallel=N runs N
-trials at once (--gpus=0,1,... gives each one GPU); --trial=K runs only trial K, for a cluster
-scheduler's job array; --report prints and writes the results so far and runs nothing. Bad
-arguments end with one line on stderr and exit status 2; a sweep whose every trial failed exits 1.
+DIR/sweep.jsonl gets one line per trial (trial, workdir, status: done, failed, pruned, running or
+stopped; overrides; the metric's best value, its step and the final value; steps; wall time;
+reason), DIR/sweep_curves.png the trials' training curves and DIR/sweep_params.png the final
+metric against each parameter, all written from the study. The end prints a table, the best
+trial (by the final value of --metric, which is what retraining it gives) and the command that
+retrains it.
+
+SIGTERM or Ctrl-C passes SIGTERM on to the running trials, which save a checkpoint; the worker
+exits 0 and the same command resumes: finished and failed trials are kept, a stopped trial
+resumes from its checkpoint. A trial that fails (a bad value, a non-finite loss) is recorded with
+its one-line reason and the study goes on. --parallel=N runs N trials at once in this worker
+(--gpus=0,1,... gives each one GPU). Bad arguments end with one line on stderr and exit status 2;
+a sweep whose every trial failed exits 1.
 """
 
 from __future__ import annotations
@@ -40,7 +48,6 @@ import ast
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -52,25 +59,32 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
 
 from train import cli
 from train.config import load_config
 
-try:
-    import fcntl
-except ImportError:  # Windows: sweeps are not locked
-    fcntl = None
-
 KINDS = ("loguniform", "uniform", "int", "choice")
-FINISHED = ("done", "failed", "pruned")  # statuses a resumed sweep keeps; "stopped" is resumed
-RECORD = "sweep_trial.json"  # in each trial's workdir: its status, reason and wall time
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
+PRUNERS = ("median", "percentile", "hyperband", "none")
 LOG = "train.log"  # in each trial's workdir: the training command's stdout and stderr
 PRUNE_MIN_TRIALS = 3  # finished trials needed at a step before the median rule prunes there
+STATUS = {
+    TrialState.COMPLETE: "done",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "stopped",  # taken back: the next worker resumes it
+}
+FINISHED = ("done", "failed", "pruned")
 Reports = list[dict[str, float]]
 
 
@@ -160,53 +174,74 @@ def json_value(text: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def format_float(value: float, low: float, high: float) -> str:
-    """`value` to 3 significant digits, kept in [low, high], as the command line gets it."""
-    return repr(min(max(float(f"{value:.3g}"), low), high))
-
-
-def draw_value(param: Param, rng: np.random.Generator) -> str:
-    """One random value of `param`, as command-line text."""
-    if param.kind == "choice":
-        return param.args[int(rng.integers(len(param.args)))]
-    low, high = param.args
-    if param.kind == "int":
-        return str(int(rng.integers(low, high + 1)))
-    if param.kind == "loguniform":
-        return format_float(math.exp(rng.uniform(math.log(low), math.log(high))), low, high)
-    return format_float(rng.uniform(low, high), low, high)
+def format_float(value: float) -> str:
+    """A grid's `value` to 3 significant digits, as the command line gets it."""
+    return repr(float(f"{value:.3g}"))
 
 
 def grid_values(param: Param, grid_points: int) -> list[str]:
-    """Every value of `param` a grid visits, as command-line texts."""
+    """Every value of `param` the grid sampler visits, as command-line texts."""
     if param.kind == "choice":
         return list(param.args)
     low, high = param.args
     if param.kind == "int":
         return [str(value) for value in range(low, high + 1)]
     spaced = np.geomspace if param.kind == "loguniform" else np.linspace
-    texts = [format_float(v, low, high) for v in spaced(low, high, grid_points)]
-    return list(dict.fromkeys(texts))  # 3 digits can merge close points: each once
+    return list(dict.fromkeys(format_float(v) for v in spaced(low, high, grid_points)))
 
 
-def draw_trials(
-    params: Sequence[Param], *, seed: int, num_trials: int, grid: bool, grid_points: int
-) -> list[dict[str, str]]:
-    """The sweep's trials in order, each a dict field -> command-line text.
+def suggest(trial: optuna.Trial, param: Param) -> str:
+    """The sampler's value of `param` for `trial`, as command-line text."""
+    if param.kind == "choice":
+        return trial.suggest_categorical(param.field, list(param.args))
+    low, high = param.args
+    if param.kind == "int":
+        return str(trial.suggest_int(param.field, low, high))
+    return repr(trial.suggest_float(param.field, low, high, log=param.kind == "loguniform"))
 
-    Random search draws trial K from `np.random.default_rng([seed, K])`, the fields in the order
-    of `params`, so trial K is the same whatever `num_trials` is. A grid is the product of
-    `grid_values`, the last field changing fastest.
-    """
-    fields = [p.field for p in params]
-    if grid:
-        combos = itertools.product(*(grid_values(p, grid_points) for p in params))
-        return [dict(zip(fields, combo, strict=True)) for combo in combos]
-    trials = []
-    for index in range(num_trials):
-        rng = np.random.default_rng([seed, index])
-        trials.append({p.field: draw_value(p, rng) for p in params})
-    return trials
+
+def text_of(param: Param, value: Any) -> str:
+    """A study's value of `param` as the command-line text it was given as."""
+    if param.kind == "choice":
+        return str(value)
+    return str(int(value)) if param.kind == "int" else repr(float(value))
+
+
+def make_sampler(
+    name: str, seed: int, params: Sequence[Param], grid_points: int
+) -> optuna.samplers.BaseSampler:
+    """The --sampler of that name, seeded."""
+    if name == "grid":
+        space = {p.field: grid_values(p, grid_points) for p in params}
+        space = {
+            p.field: [v if p.kind == "choice" else json.loads(v) for v in space[p.field]]
+            for p in params
+        }
+        return optuna.samplers.GridSampler(space, seed=seed)
+    kinds = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }
+    return kinds[name](seed=seed)
+
+
+def trial_seed(seed: int, slot: int) -> int:
+    """The sampler seed of trial `slot`: its draws do not depend on which worker takes it."""
+    return int(np.random.SeedSequence([seed, slot]).generate_state(1)[0])
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The --pruner of that name."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_MIN_TRIALS, n_min_trials=3)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=PRUNE_MIN_TRIALS)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
 
 
 # --- Metrics ------------------------------------------------------------------------------------
@@ -252,45 +287,7 @@ def metric_summary(reports: Reports, metric: str, mode: str) -> dict[str, Any]:
     }
 
 
-def value_at(reports: Reports, metric: str, step: int) -> float | None:
-    for report in reports:
-        if report["step"] == step and metric in report:
-            return finite_or_none(report[metric])
-    return None
-
-
-def prune_reason(
-    reports: Reports,
-    finished: Sequence[Reports],
-    metric: str,
-    mode: str,
-    num_steps: int,
-    min_trials: int = PRUNE_MIN_TRIALS,
-) -> str | None:
-    """The median rule (as optuna's MedianPruner): a running trial stops at an evaluation before
-    its last if its best value so far is worse than the median of the finished trials' values at
-    that step, once `min_trials` finished trials have one. Returns why, or None to go on."""
-    evaluated = [(r["step"], finite_or_none(r[metric])) for r in reports if metric in r]
-    if not evaluated or evaluated[-1][0] >= num_steps:
-        return None
-    step = evaluated[-1][0]
-    others = [v for v in (value_at(f, metric, step) for f in finished) if v is not None]
-    if len(others) < min_trials:
-        return None
-    values = [v for _, v in evaluated if v is not None]
-    median = float(np.median(others))
-    if not values:
-        return f"{metric} is not finite at step {step}"
-    best = max(values) if mode == "max" else min(values)
-    if (best < median) if mode == "max" else (best > median):
-        return (
-            f"{metric} {best:.4g} by step {step}, worse than the median {median:.4g} of "
-            f"{len(others)} finished trials there"
-        )
-    return None
-
-
-# --- The sweep and its trials -------------------------------------------------------------------
+# --- The sweep and its study --------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -299,51 +296,230 @@ class Sweep:
 
     Attributes:
       config: the --config argument, passed to every trial as given.
-      workdir: DIR, holding sweep.json, sweep.jsonl, the plots and a workdir per trial.
+      workdir: DIR, holding sweep.jsonl, the plots and a workdir per trial.
       params: the searched fields.
       overrides: --config.FIELD=VALUE arguments passed to every trial.
-      trials: each trial's field -> command-line text, in trial order.
+      num_trials: the study's total number of trials.
       metric, mode: what ranks the trials ('max' or 'min').
-      spec: what fixes the trials, kept in DIR/sweep.json and checked on every resume.
+      spec: what fixes the trials, kept in the study and checked by every worker.
     """
 
     config: str
     workdir: pathlib.Path
     params: list[Param]
     overrides: list[str]
-    trials: list[dict[str, str]]
+    num_trials: int
     metric: str
     mode: str
     spec: dict[str, Any]
 
-    def trial_dir(self, index: int) -> pathlib.Path:
-        return self.workdir / f"trial-{index:03d}"
+    def trial_dir(self, slot: int) -> pathlib.Path:
+        return self.workdir / f"trial-{slot:03d}"
 
-    def command(self, index: int, workdir: str | pathlib.Path | None = None) -> list[str]:
-        """The training command of trial `index` (argv after the Python executable)."""
+    def command(self, texts: dict[str, str], workdir: str | pathlib.Path) -> list[str]:
+        """The training command of a trial with values `texts` (argv after the executable)."""
         return [
             "-m",
             "train",
             f"--config={self.config}",
-            f"--workdir={workdir or self.trial_dir(index)}",
+            f"--workdir={workdir}",
             *self.overrides,
-            *(f"--config.{field}={text}" for field, text in self.trials[index].items()),
+            *(f"--config.{field}={text}" for field, text in texts.items()),
         ]
 
+    def texts(self, trial: optuna.trial.FrozenTrial) -> dict[str, str]:
+        """The command-line texts of `trial`'s values."""
+        params = trial.params
+        return {p.field: text_of(p, params[p.field]) for p in self.params if p.field in params}
 
-def read_record(sweep: Sweep, index: int) -> dict[str, Any] | None:
-    """Trial `index`'s record (status, reason, wall time), or None if it never ran."""
+
+def open_storage(sweep: Sweep, args: argparse.Namespace) -> optuna.storages.RDBStorage:
+    """--storage, by default DIR/sweep.db, with heartbeats every --heartbeat seconds."""
+    url = args.storage or f"sqlite:///{(sweep.workdir / 'sweep.db').resolve()}"
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                # sqlite: workers wait for each other's writes rather than fail at once.
+                engine_kwargs={"connect_args": {"timeout": 60}} if "sqlite" in url else None,
+                heartbeat_interval=args.heartbeat,
+                heartbeat_stale_trial_callback=take_back,
+            )
+        except sqlalchemy.exc.IntegrityError:  # another worker created the tables first
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def open_study(sweep: Sweep, args: argparse.Namespace, storage) -> optuna.Study:
+    """The sweep's study, created by the first worker, named after DIR."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=sweep.workdir.resolve().name,
+        sampler=make_sampler(args.sampler, args.seed, sweep.params, args.grid_points),
+        pruner=make_pruner(args.pruner),
+        direction="maximize" if sweep.mode == "max" else "minimize",
+        load_if_exists=True,
+    )
+    check_spec(study, sweep)
+    return study
+
+
+def take_back(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Puts `trial`, whose worker died or was stopped, back in the study: a waiting copy with its
+    values, attributes and reports, which the next worker to ask takes and resumes in its
+    workdir (optuna's RetryFailedTrialCallback, renamed in optuna 4.9)."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+    retry(study, trial)
+
+
+def check_spec(study: optuna.Study, sweep: Sweep) -> None:
+    """Records the sweep's settings in a new study, or refuses a study with other settings: its
+    trials would not be the ones this command asks for."""
+    previous = study.user_attrs.get("spec")
+    if previous is None:
+        study.set_user_attr("spec", sweep.spec)
+        return
+    differ = [k for k in sweep.spec if k != "base_config" and previous.get(k) != sweep.spec[k]]
+    if differ:
+        there = "; ".join(f"{key}={previous.get(key)}" for key in differ)
+        raise ValueError(
+            f"{sweep.workdir} holds a sweep with other settings ({there}); repeat its command "
+            "(--trials may change) or pass another --workdir."
+        )
+    then, now = previous.get("base_config", {}), sweep.spec["base_config"]
+    changed = [key for key in sorted({*then, *now}) if then.get(key) != now.get(key)]
+    if changed:
+        fields = ", ".join(f"{k}: {then.get(k)} then, {now.get(k)} now" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ValueError(
+            f"{sweep.config} has changed since the sweep in {sweep.workdir} began ({fields}"
+            f"{more}); restore it or pass another --workdir."
+        )
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None, state: TrialState) -> None:
+    """study.tell, but the grid sampler's after_trial, which calls Study.stop once the grid is
+    done (allowed only inside Study.optimize), is left out: the sweep counts trials itself."""
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        study.sampler = optuna.samplers.RandomSampler()
     try:
-        return json.loads((sweep.trial_dir(index) / RECORD).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        study.tell(trial, value, state=state)
+    finally:
+        study.sampler = sampler
+
+
+def original(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the trial that `trial` retries (its own if it is no retry)."""
+    return trial.system_attrs.get("failed_trial", trial.number)
+
+
+def attempts(study: optuna.Study) -> dict[int, list[optuna.trial.FrozenTrial]]:
+    """The sweep's trials (slot -> its attempts, oldest first), without surplus trials."""
+    slots: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if "trial" in trial.user_attrs and not trial.user_attrs.get("surplus"):
+            slots.setdefault(trial.user_attrs["trial"], []).append(trial)
+    return slots
+
+
+def status_of(slot_attempts: Sequence[optuna.trial.FrozenTrial]) -> str:
+    return STATUS[slot_attempts[-1].state]
+
+
+def ask(sweep: Sweep, study: optuna.Study, args: argparse.Namespace) -> Trial | None:
+    """A trial nobody runs (a taken-back one first), its slot and values; None when all N are
+    taken. Two workers may ask at once: each trial's slot is its rank among the study's first
+    attempts, and a worker that got a slot past N gives it up."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    firsts = [t for t in trials if original(t) == t.number and not t.user_attrs.get("surplus")]
+    if not waiting and len(firsts) >= sweep.num_trials:
         return None
+    trial = study.ask()
+    slot = trial.user_attrs.get("trial")
+    if slot is None:
+        trials = study.get_trials(deepcopy=False)
+        ranks = [t.number for t in trials if original(t) == t.number and t.number < trial.number]
+        ranks = [n for n in ranks if not trials[n].user_attrs.get("surplus")]
+        slot = len(ranks)
+        if slot >= sweep.num_trials:
+            trial.set_user_attr("surplus", True)
+            tell(study, trial, None, TrialState.FAIL)
+            return None
+        trial.set_user_attr("trial", slot)
+        trial.set_user_attr("workdir", sweep.trial_dir(slot).name)
+    if args.sampler not in ("grid", "qmc"):  # they take their points from the study itself
+        study.sampler = make_sampler(args.sampler, trial_seed(args.seed, slot), sweep.params, 0)
+    texts = {p.field: suggest(trial, p) for p in sweep.params}
+    return Trial(slot, trial, texts)
 
 
-def write_json(path: pathlib.Path, value: Any) -> None:
-    """Writes whole, then renames over the old file: a kill never leaves half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    partial.replace(path)
+@dataclasses.dataclass
+class Trial:
+    """A trial this worker runs and what it knows of it."""
+
+    slot: int
+    trial: optuna.Trial
+    texts: dict[str, str]  # field -> command-line text
+    process: subprocess.Popen | None = None
+    started: float = 0.0  # time.monotonic()
+    log_offset: int = 0  # where this attempt's output starts in LOG
+    gpu: str | None = None
+    trial_id: int = 0  # the storage's id, for heartbeats
+    reported: set[int] = dataclasses.field(default_factory=set)  # steps told to the study
+    pruned: str | None = None  # why it was told to stop
+    signals_sent: int = 0  # of the worker's stop signals passed on to it
+
+
+def launch(sweep: Sweep, trial: Trial, gpu: str | None, preexec) -> None:
+    """Starts `trial` as `python -m train` in its workdir, its output appended to its LOG."""
+    trial_dir = sweep.trial_dir(trial.slot)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    command = sweep.command(trial.texts, trial_dir)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    with open(trial_dir / LOG, "a") as log:
+        log.write(f"=== {time.ctime()} on {socket.gethostname()}: python {shlex.join(command)}\n")
+        log.flush()
+        trial.log_offset = log.tell()
+        # Its own session: a Ctrl-C in the terminal reaches the worker alone, which passes on
+        # one SIGTERM (two SIGINTs would stop the trial without a checkpoint).
+        trial.process = subprocess.Popen(
+            [sys.executable, *command],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+    trial.started, trial.gpu = time.monotonic(), gpu
+    on = f" on GPU {gpu}" if gpu is not None else ""
+    print(
+        f"{trial_dir.name} started{on} (pid {trial.process.pid}): {describe(trial.texts)}",
+        flush=True,
+    )
+
+
+def report(sweep: Sweep, study: optuna.Study, trial: Trial) -> str | None:
+    """Tells the study the evaluations that landed in the trial's metrics.jsonl since the last
+    call; returns why the pruner stops it there, or None. The last evaluation is never pruned."""
+    trial_dir = sweep.trial_dir(trial.slot)
+    num_steps = num_steps_of(trial_dir)
+    for row in read_reports(trial_dir):
+        value = finite_or_none(row.get(sweep.metric))
+        step = int(row["step"])
+        if value is None or step in trial.reported:
+            continue
+        trial.trial.report(value, step)
+        trial.reported.add(step)
+        if num_steps is not None and step < num_steps and trial.trial.should_prune():
+            pruner = type(study.pruner).__name__
+            return f"{sweep.metric} {value:.4g} at step {step}, stopped by the {pruner}"
+    return None
 
 
 def num_steps_of(trial_dir: pathlib.Path) -> int | None:
@@ -354,32 +530,108 @@ def num_steps_of(trial_dir: pathlib.Path) -> int | None:
         return None
 
 
-def summary_line(sweep: Sweep, index: int, record: dict[str, Any]) -> dict[str, Any]:
-    """Trial `index`'s line of sweep.jsonl, its metrics read from its metrics.jsonl."""
-    reports = read_reports(sweep.trial_dir(index))
-    return {
-        "trial": index,
-        "workdir": sweep.trial_dir(index).name,
-        "status": record["status"],
-        "overrides": {field: json_value(text) for field, text in sweep.trials[index].items()},
-        "metric": sweep.metric,
-        **metric_summary(reports, sweep.metric, sweep.mode),
-        "wall_s": round(record["wall_s"], 1),
-        "reason": record.get("reason"),
-    }
+def finish(sweep: Sweep, study: optuna.Study, trial: Trial, stopping: bool) -> str:
+    """Tells the study how `trial` ended; returns its status."""
+    trial_dir = sweep.trial_dir(trial.slot)
+    returncode = trial.process.returncode
+    with open(trial_dir / LOG, errors="replace") as log:
+        log.seek(trial.log_offset)
+        output = log.read()
+    report(sweep, study, trial)
+    reports = read_reports(trial_dir)
+    num_steps = num_steps_of(trial_dir)
+    summary = metric_summary(reports, sweep.metric, sweep.mode)
+    completed = returncode == 0 and num_steps is not None and summary["steps"] >= num_steps
+    reason, state, value = None, TrialState.FAIL, None
+    if completed and summary["final"] is not None:
+        status, state, value = "done", TrialState.COMPLETE, summary["final"]
+    elif completed:
+        keys = sorted({key for row in reports for key in row if key != "step"})
+        status, reason = "failed", f"no {sweep.metric} reported; pass --metric= one of {keys}"
+    elif returncode > 0 and (not stopping or "error: " in output):  # its own one-line error
+        status, reason = "failed", failure_reason(output, returncode)
+    elif trial.pruned is not None:
+        status, state, reason = "pruned", TrialState.PRUNED, trial.pruned
+    elif returncode == 0 or stopping:
+        # Stopped by a signal: with a checkpoint (exit 0), or before it had one. Either way it
+        # goes back to the study, and the next worker resumes it.
+        status = "stopped"
+    else:
+        status, reason = "failed", failure_reason(output, returncode)
+    wall_s = trial.trial.user_attrs.get("wall_s", 0.0) + time.monotonic() - trial.started
+    for key, attr in (("wall_s", wall_s), ("steps", summary["steps"]), ("reason", reason)):
+        trial.trial.set_user_attr(key, attr)
+    tell(study, trial.trial, value, state)
+    if status == "stopped":
+        take_back(study, study.get_trials(deepcopy=False)[trial.trial.number])
+    result = f"{sweep.metric} final {fmt(summary['final'])}, best {fmt(summary['best'])}"
+    result += f" at step {summary['best_step']}" if summary["best"] is not None else ""
+    why = f" ({reason})" if reason else ""
+    print(
+        f"{trial_dir.name} {status} after {summary['steps']} steps, {wall_s:.1f} s: {result}{why}",
+        flush=True,
+    )
+    return status
 
 
-def write_summary(sweep: Sweep) -> list[dict[str, Any]]:
-    """Rewrites DIR/sweep.jsonl from the trials' records, in trial order; returns its lines."""
-    lines = []
-    for index in range(len(sweep.trials)):
-        record = read_record(sweep, index)
-        if record is not None:
-            lines.append(summary_line(sweep, index, record))
-    partial = sweep.workdir / "sweep.jsonl.partial"
-    partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    partial.replace(sweep.workdir / "sweep.jsonl")
-    return lines
+def run_worker(sweep: Sweep, study: optuna.Study, storage, args: argparse.Namespace) -> str | None:
+    """Runs trials of the study, --parallel at a time, until all N have ended (those of other
+    workers too: one that dies leaves its trial to be taken back) or a signal stops it.
+
+    Returns the name of the signal that stopped the worker, or None.
+    """
+    running: dict[int, Trial] = {}
+    preexec = parent_death_signal()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    beaten = time.monotonic()
+    announced = False
+    with stop_signals() as received:
+        while True:
+            if not received:
+                optuna.storages.fail_stale_trials(study)  # takes back the dead workers' trials
+            while not received and len(running) < args.parallel:
+                trial = ask(sweep, study, args)
+                if trial is None:
+                    break
+                trial.trial_id = storage.get_trial_id_from_study_id_trial_number(
+                    study_id, trial.trial.number
+                )
+                storage.record_heartbeat(trial.trial_id)
+                trial.reported = set(storage.get_trial(trial.trial_id).intermediate_values)
+                busy = {t.gpu for t in running.values()}
+                launch(sweep, trial, next((g for g in args.gpus if g not in busy), None), preexec)
+                running[trial.trial.number] = trial
+            if received:
+                if not announced:
+                    announced = True
+                    print(f"{received[0]}: stopping the running trials (they save checkpoints).")
+                pass_on(received, running)
+            if not running and (received or all_ended(sweep, study)):
+                break
+            time.sleep(0.2 if running else 1.0)
+            if time.monotonic() - beaten >= args.heartbeat / 2:
+                beaten = time.monotonic()
+                for trial in running.values():
+                    storage.record_heartbeat(trial.trial_id)
+            for number, trial in list(running.items()):
+                if trial.process.poll() is not None:
+                    del running[number]
+                    finish(sweep, study, trial, stopping=bool(received))
+                elif trial.pruned is None and not received:
+                    trial.pruned = report(sweep, study, trial)
+                    if trial.pruned is not None:  # it saves a checkpoint and exits
+                        trial.process.send_signal(signal.SIGTERM)
+    return received[0] if received else None
+
+
+def all_ended(sweep: Sweep, study: optuna.Study) -> bool:
+    slots = attempts(study)
+    ended = [s for s in slots.values() if status_of(s) in FINISHED]
+    return len(ended) >= sweep.num_trials
+
+
+def describe(texts: dict[str, str]) -> str:
+    return " ".join(f"{field}={text}" for field, text in texts.items())
 
 
 def failure_reason(output: str, returncode: int) -> str:
@@ -410,20 +662,6 @@ def parent_death_signal() -> Callable[[], None] | None:
     return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
-@dataclasses.dataclass
-class Running:
-    """A trial process and what the sweep knows of it."""
-
-    index: int
-    process: subprocess.Popen
-    started: float  # time.monotonic()
-    log_offset: int  # where this attempt's output starts in LOG
-    gpu: str | None
-    checked_step: int = -1  # the last reported step the pruner looked at
-    pruned: str | None = None  # why it was told to stop
-    signals_sent: int = 0  # of the sweep's stop signals passed on to it
-
-
 @contextlib.contextmanager
 def stop_signals() -> Iterator[list[str]]:
     """Records SIGTERM and SIGINT to the sweep in the yielded list, by name; the loop passes them
@@ -442,7 +680,7 @@ def stop_signals() -> Iterator[list[str]]:
             signal.signal(signum, handler)
 
 
-def pass_on(received: Sequence[str], running: dict[int, Running]) -> None:
+def pass_on(received: Sequence[str], running: dict[int, Trial]) -> None:
     """The first signal asks every running trial to stop with a checkpoint (SIGTERM); a second
     SIGINT (Ctrl-C twice) is passed on too, and the trials stop at once."""
     for trial in running.values():
@@ -454,144 +692,50 @@ def pass_on(received: Sequence[str], running: dict[int, Running]) -> None:
             trial.signals_sent = 2
 
 
-def describe(trial: dict[str, str]) -> str:
-    return " ".join(f"{field}={text}" for field, text in trial.items())
+# --- Results, from the study --------------------------------------------------------------------
 
 
-def launch(sweep: Sweep, index: int, gpu: str | None, preexec) -> Running:
-    """Starts trial `index` as `python -m train`, its output appended to its LOG."""
-    trial_dir = sweep.trial_dir(index)
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    command = sweep.command(index)
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    with open(trial_dir / LOG, "a") as log:
-        log.write(f"=== {time.ctime()}: python {shlex.join(command)}\n")
-        log.flush()
-        offset = log.tell()
-        # Its own session: a Ctrl-C in the terminal reaches the sweep alone, which passes on one
-        # SIGTERM (two SIGINTs would stop the trial without a checkpoint).
-        process = subprocess.Popen(
-            [sys.executable, *command],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=preexec,
+def study_lines(sweep: Sweep, study: optuna.Study) -> list[dict[str, Any]]:
+    """sweep.jsonl's lines: one per trial slot, in slot order, from its latest attempt."""
+    lines = []
+    for slot, tries in sorted(attempts(study).items()):
+        last = tries[-1]
+        values = sorted(last.intermediate_values.items())
+        rows = [{"step": step, sweep.metric: value} for step, value in values]
+        summary = metric_summary(rows, sweep.metric, sweep.mode)
+        final = last.value if last.state == TrialState.COMPLETE else summary["final"]
+        lines.append(
+            {
+                "trial": slot,
+                "workdir": sweep.trial_dir(slot).name,
+                "status": status_of(tries),
+                "overrides": {f: json_value(t) for f, t in sweep.texts(last).items()},
+                "metric": sweep.metric,
+                "best": summary["best"],
+                "best_step": summary["best_step"],
+                "final": final,
+                "steps": last.user_attrs.get("steps", 0),
+                "wall_s": round(last.user_attrs.get("wall_s", 0.0), 1),
+                "reason": last.user_attrs.get("reason"),
+            }
         )
-    on = f" on GPU {gpu}" if gpu is not None else ""
-    print(f"{trial_dir.name} started{on}: {describe(sweep.trials[index])}", flush=True)
-    return Running(index, process, time.monotonic(), offset, gpu)
+    return lines
 
 
-def finish(sweep: Sweep, trial: Running, stopping: bool) -> dict[str, Any]:
-    """Records how trial `trial` ended; returns its record."""
-    trial_dir = sweep.trial_dir(trial.index)
-    returncode = trial.process.returncode
-    with open(trial_dir / LOG, errors="replace") as log:
-        log.seek(trial.log_offset)
-        output = log.read()
-    reports = read_reports(trial_dir)
-    num_steps = num_steps_of(trial_dir)
-    completed = returncode == 0 and num_steps is not None and bool(reports)
-    completed = completed and reports[-1]["step"] >= num_steps
-    reason = None
-    if completed:
-        status = "done"
-    elif returncode > 0 and (not stopping or "error: " in output):  # its own one-line error
-        status, reason = "failed", failure_reason(output, returncode)
-    elif trial.pruned is not None:
-        status, reason = "pruned", trial.pruned
-    elif returncode == 0 or stopping:
-        # Stopped by a signal: with a checkpoint (exit 0), or before it had one (killed while
-        # starting). Either way a resume runs it again.
-        status = "stopped"
-    else:
-        status, reason = "failed", failure_reason(output, returncode)
-    previous = read_record(sweep, trial.index) or {"wall_s": 0.0, "attempts": 0}
-    record = {
-        "trial": trial.index,
-        "overrides": sweep.trials[trial.index],
-        "status": status,
-        "reason": reason,
-        "wall_s": previous["wall_s"] + time.monotonic() - trial.started,
-        "attempts": previous["attempts"] + 1,
-    }
-    write_json(trial_dir / RECORD, record)
-    line = summary_line(sweep, trial.index, record)
-    result = f"{sweep.metric} final {fmt(line['final'])}, best {fmt(line['best'])}"
-    result += f" at step {line['best_step']}" if line["best"] is not None else ""
-    why = f" ({reason})" if reason else ""
-    print(
-        f"{trial_dir.name} {status} after {line['steps']} steps, {line['wall_s']:.1f} s: "
-        f"{result}{why}",
-        flush=True,
-    )
-    return record
+def replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """write(a name of this process's own), then a rename over `path`: workers writing at once
+    never mix their files, and a kill never leaves half a file."""
+    partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{path.suffix}")
+    try:
+        write(partial)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
-def run_trials(
-    sweep: Sweep,
-    indices: Sequence[int],
-    *,
-    parallel: int,
-    gpus: Sequence[str],
-    prune: bool,
-) -> str | None:
-    """Runs trials `indices`, `parallel` at a time, until all end or a signal stops them.
-
-    Returns the name of the signal that stopped the sweep, or None.
-    """
-    pending = list(indices)
-    running: dict[int, Running] = {}
-    preexec = parent_death_signal()
-    finished_reports = [
-        read_reports(sweep.trial_dir(i))
-        for i in range(len(sweep.trials))
-        if (read_record(sweep, i) or {}).get("status") == "done"
-    ]
-    announced = False
-    with stop_signals() as received:
-        while running or (pending and not received):
-            while pending and not received and len(running) < parallel:
-                busy = {trial.gpu for trial in running.values()}
-                gpu = next((g for g in gpus if g not in busy), None)
-                index = pending.pop(0)
-                running[index] = launch(sweep, index, gpu, preexec)
-            if received:
-                if not announced:
-                    announced = True
-                    print(f"{received[0]}: stopping the running trials (they save checkpoints).")
-                pass_on(received, running)
-            time.sleep(0.1)
-            for index, trial in list(running.items()):
-                if trial.process.poll() is not None:
-                    del running[index]
-                    record = finish(sweep, trial, stopping=bool(received))
-                    if record["status"] == "done":
-                        finished_reports.append(read_reports(sweep.trial_dir(index)))
-                elif prune and trial.pruned is None and not received:
-                    check_prune(sweep, trial, finished_reports)
-    return received[0] if received else None
-
-
-def check_prune(sweep: Sweep, trial: Running, finished: Sequence[Reports]) -> None:
-    """Asks `trial` to stop (SIGTERM: it saves a checkpoint) if the median rule says so."""
-    trial_dir = sweep.trial_dir(trial.index)
-    reports = read_reports(trial_dir)
-    num_steps = num_steps_of(trial_dir)
-    if not reports or num_steps is None or reports[-1]["step"] == trial.checked_step:
-        return
-    trial.checked_step = reports[-1]["step"]
-    reason = prune_reason(reports, finished, sweep.metric, sweep.mode, num_steps)
-    if reason is not None:
-        trial.pruned = reason
-        trial.process.send_signal(signal.SIGTERM)
-
-
-# --- Results ------------------------------------------------------------------------------------
+def write_summary(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    replace_atomically(sweep.workdir / "sweep.jsonl", lambda path: path.write_text(text))
 
 
 def fmt(value: Any) -> str:
@@ -609,12 +753,12 @@ def winner(lines: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return min(done, key=lambda line: (sign * line["final"], line["trial"]))
 
 
-def table(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> str:
-    """The trials as a text table, one row per trial that has run."""
+def table(sweep: Sweep, lines: Sequence[dict[str, Any]], texts: Sequence[dict]) -> str:
+    """The trials as a text table, one row per trial."""
     header = ["trial", "status", f"{sweep.metric} final", "best", "step", "steps", "wall_s"]
     header += [p.field for p in sweep.params]
     rows = [header]
-    for line in lines:
+    for line, values in zip(lines, texts, strict=True):
         rows.append(
             [
                 f"{line['trial']:03d}",
@@ -624,7 +768,7 @@ def table(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> str:
                 fmt(line["best_step"]),
                 str(line["steps"]),
                 f"{line['wall_s']:.1f}",
-                *(sweep.trials[line["trial"]][p.field] for p in sweep.params),
+                *(values.get(p.field, "-") for p in sweep.params),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -634,7 +778,7 @@ def table(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def plot_params(sweep: Sweep, lines: Sequence[dict[str, Any]]):
+def plot_params(sweep: Sweep, lines: Sequence[dict[str, Any]], texts: Sequence[dict]):
     """A figure with one panel per parameter: the final metric of each trial against its value
     (log axis for loguniform; choices in their order). Pruned and stopped trials are drawn
     hollow at their last value, failed ones as a red x on the bottom edge; the winner is a star."""
@@ -646,29 +790,28 @@ def plot_params(sweep: Sweep, lines: Sequence[dict[str, Any]]):
     axes = np.atleast_1d(figure.subplots(1, len(sweep.params), sharey=True))
     best = winner(lines, sweep.mode)
     for ax, param in zip(axes, sweep.params, strict=True):
-        texts = [sweep.trials[line["trial"]][param.field] for line in lines]
+        drawn = [(line, values[param.field]) for line, values in zip(lines, texts, strict=True)]
         if param.kind == "choice":
             order = list(param.args)
-            xs = [order.index(text) for text in texts]
+            xs = [order.index(text) for _, text in drawn]
             ax.set_xticks(range(len(order)), order)
             ax.set_xlim(-0.5, len(order) - 0.5)
         else:
-            xs = [float(text) for text in texts]
+            xs = [float(text) for _, text in drawn]
         if param.kind == "loguniform":
             ax.set_xscale("log")
-        for x, line in zip(xs, lines, strict=True):
+        for x, (line, _) in zip(xs, drawn, strict=True):
             if line["status"] == "failed":  # a red x on the bottom edge
                 ax.plot(x, 0.02, "x", color="tab:red", transform=ax.get_xaxis_transform())
             if line["final"] is None:
                 continue
-            done = line["status"] == "done"
             ax.plot(
                 x,
                 line["final"],
                 "*" if line is best else "o",
                 markersize=14 if line is best else 7,
                 color="tab:orange" if line is best else "tab:blue",
-                fillstyle="full" if done else "none",
+                fillstyle="full" if line["status"] == "done" else "none",
             )
         ax.set_title(param.field)
         ax.set_xlabel(param.field.rsplit(".", 1)[-1])
@@ -677,44 +820,64 @@ def plot_params(sweep: Sweep, lines: Sequence[dict[str, Any]]):
     return figure
 
 
-def write_plots(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> list[pathlib.Path]:
+def write_plots(sweep: Sweep, lines: Sequence[dict[str, Any]], texts: Sequence[dict]) -> None:
     """DIR/sweep_curves.png (train.plot's panels, one line per trial) and DIR/sweep_params.png."""
     from train import plot  # matplotlib: only when there is something to draw
 
     runs = {}
-    for line in lines:
-        reports = read_reports(sweep.trial_dir(line["trial"]))
+    for line, values in zip(lines, texts, strict=True):
+        reports = read_reports(sweep.workdir / line["workdir"])
         if reports:
-            name = f"{line['trial']:03d} " + " ".join(
-                f"{field.rsplit('.', 1)[-1]}={text}"
-                for field, text in sweep.trials[line["trial"]].items()
-            )
-            runs[name] = reports
-    written = []
+            name = " ".join(f"{f.rsplit('.', 1)[-1]}={t}" for f, t in values.items())
+            runs[f"{line['trial']:03d} {name}"] = reports
     if runs:
-        curves = sweep.workdir / "sweep_curves.png"
-        plot.plot_runs(runs).savefig(curves, dpi=100)
-        params = sweep.workdir / "sweep_params.png"
-        plot_params(sweep, lines).savefig(params, dpi=100)
-        written = [curves, params]
-    return written
+        figures = {"sweep_curves.png": plot.plot_runs(runs)}
+        figures["sweep_params.png"] = plot_params(sweep, lines, texts)
+        for name, figure in figures.items():
+            replace_atomically(
+                sweep.workdir / name, lambda path, f=figure: f.savefig(path, dpi=100, format="png")
+            )
 
 
-def print_results(sweep: Sweep, lines: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """Prints the table, the best trial and the command that retrains it; returns the best."""
+def print_results(sweep: Sweep, lines: Sequence[dict[str, Any]], texts: Sequence[dict]) -> None:
+    """Prints the table, the best trial and the command that retrains it."""
     if lines:
-        print(table(sweep, lines))
+        print(table(sweep, lines, texts))
     best = winner(lines, sweep.mode)
     if best is not None:
-        index = best["trial"]
-        command = sweep.command(index, workdir=sweep.workdir / "winner")
+        values = texts[lines.index(best)]
+        command = sweep.command(values, sweep.workdir / "winner")
         print(
-            f"Best: {sweep.trial_dir(index).name}, {sweep.metric} {fmt(best['final'])} at step "
+            f"Best: {best['workdir']}, {sweep.metric} {fmt(best['final'])} at step "
             f"{best['steps']} (best {fmt(best['best'])} at step {best['best_step']}): "
-            f"{describe(sweep.trials[index])}"
+            f"{describe(values)}"
         )
         print(f"Retrain it: python {shlex.join(command)}")
-    return best
+
+
+def end(sweep: Sweep, study: optuna.Study, stopped_by: str | None) -> None:
+    """sweep.jsonl, the plots, the table, the winner, and how the sweep ended."""
+    slots = attempts(study)
+    lines = study_lines(sweep, study)
+    texts = [sweep.texts(slots[line["trial"]][-1]) for line in lines]
+    write_summary(sweep, lines)
+    try:
+        write_plots(sweep, lines, texts)
+    except (OSError, ValueError) as error:
+        print(f"warning: no plots ({' '.join(str(error).split())})", file=sys.stderr)
+    print_results(sweep, lines, texts)
+    done = sum(line["status"] == "done" for line in lines)
+    finished = sum(line["status"] in FINISHED for line in lines)
+    if stopped_by is not None or finished < sweep.num_trials:
+        how = f"Stopped by {stopped_by}" if stopped_by else "Not finished"
+        print(
+            f"{how}: {done} of {sweep.num_trials} trials done, {sweep.num_trials - finished} to "
+            "run or resume (stopped trials keep their checkpoints). Run the same command to resume."
+        )
+        return
+    if done == 0:
+        first = next((line["reason"] for line in lines if line["reason"]), "no metric")
+        cli.fail(f"no trial of {sweep.workdir} finished; the first reason: {first}", status=1)
 
 
 # --- Command line -------------------------------------------------------------------------------
@@ -749,31 +912,26 @@ def build_sweep(args: argparse.Namespace, extras: Sequence[str]) -> Sweep:
         check_field(config, field, extra)
         if field in fields:
             raise ValueError(f"{field} is set by --param and by {extra}; pass one.")
-    if args.grid and args.trials is not None:
-        raise ValueError("--grid runs every combination; leave out --trials.")
-    num_trials = 8 if args.trials is None else args.trials
-    trials = draw_trials(
-        params,
-        seed=args.seed,
-        num_trials=num_trials,
-        grid=args.grid,
-        grid_points=args.grid_points,
-    )
-    if args.trial is not None and not 0 <= args.trial < len(trials):
-        raise ValueError(f"--trial={args.trial}: the sweep has trials 0..{len(trials) - 1}.")
+    num_trials = args.trials
+    if num_trials is None and args.sampler == "grid":
+        num_trials = math.prod(len(grid_values(p, args.grid_points)) for p in params)
     workdir = pathlib.Path(args.workdir or default_workdir(args.config))
     spec = {
         "config": args.config,
         "params": [p.spec for p in params],
         "overrides": list(extras),
-        "grid": args.grid,
-        "grid_points": args.grid_points if args.grid else None,
-        "seed": None if args.grid else args.seed,
+        "sampler": args.sampler,
+        "grid_points": args.grid_points if args.sampler == "grid" else None,
+        "seed": args.seed,
+        "metric": args.metric,
+        "mode": args.mode,
         # The config file's values: a file edited between a stop and a resume would give the
         # remaining trials another base.
         "base_config": flatten(json.loads(config.to_json_best_effort())),
     }
-    return Sweep(args.config, workdir, params, list(extras), trials, args.metric, args.mode, spec)
+    return Sweep(
+        args.config, workdir, params, list(extras), num_trials or 8, args.metric, args.mode, spec
+    )
 
 
 def default_workdir(config_arg: str) -> str:
@@ -781,35 +939,6 @@ def default_workdir(config_arg: str) -> str:
     path, _, variant = config_arg.partition(":")
     name = pathlib.Path(path).stem
     return str(pathlib.Path("runs") / (f"{name}-{variant}-sweep" if variant else f"{name}-sweep"))
-
-
-def check_spec(sweep: Sweep) -> None:
-    """Writes DIR/sweep.json, or refuses a DIR whose sweep has other settings: its trials would
-    not be the ones this command draws."""
-    path = sweep.workdir / "sweep.json"
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = None  # cut short by a kill: the trials' own records still hold
-        previous = previous or sweep.spec
-        differ = [k for k in sweep.spec if k != "base_config" and previous.get(k) != sweep.spec[k]]
-        if differ:
-            there = "; ".join(f"{key}={previous.get(key)}" for key in differ)
-            raise ValueError(
-                f"{sweep.workdir} holds a sweep with other settings ({there}); repeat its "
-                "command (--trials may change) or pass another --workdir."
-            )
-        then, now = previous.get("base_config", {}), sweep.spec["base_config"]
-        changed = [key for key in sorted({*then, *now}) if then.get(key) != now.get(key)]
-        if changed:
-            fields = ", ".join(f"{k}: {then.get(k)} then, {now.get(k)} now" for k in changed[:3])
-            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-            raise ValueError(
-                f"{sweep.config} has changed since the sweep in {sweep.workdir} began ({fields}"
-                f"{more}); restore it or pass another --workdir."
-            )
-    write_json(path, sweep.spec)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -823,35 +952,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@contextlib.contextmanager
-def sweep_lock(workdir: pathlib.Path, shared: bool) -> Iterator[None]:
-    """A lock on DIR: a whole sweep holds it alone; --trial=K runs share it with each other."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        file = (workdir / ".sweep.lock").open("a+")
-    except OSError as error:
-        raise ValueError(f"Cannot write to {workdir} ({error.strerror}).") from None
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(file, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except OSError:
-                file.seek(0)
-                holder = file.read().strip() or "another process"
-                raise ValueError(
-                    f"{workdir} is in use by another sweep ({holder}); wait for it to finish or "
-                    "pass another --workdir."
-                ) from None
-            if not shared:
-                file.seek(0)
-                file.truncate()
-                file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
-                file.flush()
-        yield
-    finally:
-        file.close()  # drops the lock
-
-
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = cli.ArgumentParser(
         prog="python -m train.sweep",
@@ -863,25 +963,24 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument(
         "--param", action="append", required=True, help="FIELD=SPACE; repeat for more fields."
     )
-    parser.add_argument("--trials", type=int, help="Random search: number of trials (8).")
-    parser.add_argument("--seed", type=int, default=0, help="Random search: the draws' seed.")
-    parser.add_argument("--grid", action="store_true", help="Every combination of values.")
+    parser.add_argument(
+        "--trials", type=int, help="Trials in the study, all workers together (8; grid: all)."
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="What picks values.")
+    parser.add_argument("--seed", type=int, default=0, help="The sampler's seed.")
     parser.add_argument(
         "--grid_points", type=int, default=3, help="Grid: values of each float range."
     )
+    parser.add_argument("--pruner", choices=PRUNERS, default="none", help="What stops trials.")
     parser.add_argument("--metric", default="eval/accuracy", help="A metrics.jsonl key.")
     parser.add_argument("--mode", choices=("max", "min"), default="max", help="Best is max/min.")
     parser.add_argument("--parallel", type=int, help="Trials run at once (1; --gpus: one each).")
     parser.add_argument("--gpus", default="", help="GPU ids, one per running trial: 0,1,2,3.")
     parser.add_argument(
-        "--prune", action="store_true", help="Stop trials below the median (see prune_reason)."
-    )
-    parser.add_argument("--trial", type=int, help="Run only trial K (a scheduler's job array).")
-    parser.add_argument(
-        "--retry_failed", action="store_true", help="Run failed trials again on resume."
+        "--storage", help="An optuna storage URL shared by the workers (sqlite:///DIR/sweep.db)."
     )
     parser.add_argument(
-        "--report", action="store_true", help="Write and print the results so far; run nothing."
+        "--heartbeat", type=int, default=60, help="Seconds between a worker's heartbeats."
     )
     args, extras = parser.parse_known_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
@@ -896,84 +995,38 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         parser.error(f"--trials={args.trials}: run at least 1 trial.")
     if args.grid_points < 2:
         parser.error(f"--grid_points={args.grid_points}: a range needs at least 2 points.")
+    if args.heartbeat < 1:
+        parser.error(f"--heartbeat={args.heartbeat}: give at least 1 second.")
     return args, extras
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, extras = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Heartbeats are recorded here, by the loop that watches the trials, not by Study.optimize.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     try:
         sweep = build_sweep(args, extras)
     except (ValueError, FileNotFoundError, OSError) as error:
         cli.fail(error)
     except Exception as error:  # a config file that does not load: its error, on one line
         cli.fail(f"--config={args.config}: {type(error).__name__}: {error}")
-    if args.report:
-        if not sweep.workdir.is_dir():
-            for index, trial in enumerate(sweep.trials):
-                print(f"{sweep.trial_dir(index).name} not run: {describe(trial)}")
-            return
-        lines = write_summary(sweep)
-        write_plots(sweep, lines)
-        print_results(sweep, lines)
-        return
     try:
-        with sweep_lock(sweep.workdir, shared=args.trial is not None):
-            check_spec(sweep)
-            stopped_by, lines = run_sweep(sweep, args)
-    except ValueError as error:
+        sweep.workdir.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(sweep, args)
+        study = open_study(sweep, args, storage)
+    except (ValueError, OSError, ImportError) as error:
         cli.fail(error)
-    end(sweep, args, stopped_by, lines)
-
-
-def run_sweep(sweep: Sweep, args: argparse.Namespace) -> tuple[str | None, list[dict[str, Any]]]:
-    """Runs the trials not finished yet; returns (the signal that stopped it, the summary)."""
-    keep = ("done", "pruned") if args.retry_failed else FINISHED
-    indices = [args.trial] if args.trial is not None else range(len(sweep.trials))
-    to_run = [i for i in indices if (read_record(sweep, i) or {}).get("status") not in keep]
-    kind = "grid" if args.grid else f"random search, seed {args.seed}"
+    finished = sum(status_of(s) in FINISHED for s in attempts(study).values())
     print(
-        f"Sweep of {len(sweep.trials)} trials ({kind}) in {sweep.workdir}: "
-        f"{len(to_run)} to run, {len(indices) - len(to_run)} finished before.",
+        f"Sweep of {sweep.num_trials} trials ({args.sampler}, seed {args.seed}) in "
+        f"{sweep.workdir}: {max(sweep.num_trials - finished, 0)} to run, {finished} finished "
+        "before.",
         flush=True,
     )
-    stopped_by = run_trials(sweep, to_run, parallel=args.parallel, gpus=args.gpus, prune=args.prune)
-    return stopped_by, write_summary(sweep)
-
-
-def end(sweep: Sweep, args: argparse.Namespace, stopped_by: str | None, lines: list[dict]) -> None:
-    """Plots, the table, the winner, and how the sweep ended."""
-    if args.trial is not None:
-        status = next((line["status"] for line in lines if line["trial"] == args.trial), "not run")
-        print(
-            f"Trial {args.trial}: {status}. All trials' results: the same command without "
-            "--trial, with --report."
-        )
-        return
-    try:
-        write_plots(sweep, lines)
-    except (OSError, ValueError) as error:
-        print(f"warning: no plots ({cli_text(error)})", file=sys.stderr)
-    print_results(sweep, lines)
-    done = sum(line["status"] == "done" for line in lines)
-    unfinished = [line for line in lines if line["status"] == "stopped"]
-    unfinished_count = len(sweep.trials) - sum(line["status"] in FINISHED for line in lines)
-    if stopped_by is not None or unfinished:
-        how = f"Stopped by {stopped_by}" if stopped_by else "Not finished"
-        print(
-            f"{how}: {done} of {len(sweep.trials)} trials done, {unfinished_count} to run or "
-            "resume (stopped trials keep their checkpoints). Run the same command to resume."
-        )
-        return
-    if done == 0:
-        first = next((line["reason"] for line in lines if line["reason"]), "no metric")
-        cli.fail(f"no trial of {sweep.workdir} finished; the first reason: {first}", status=1)
-    if all(line["final"] is None for line in lines if line["status"] == "done"):
-        keys = sorted({k for r in read_reports(sweep.trial_dir(lines[0]["trial"])) for k in r})
-        cli.fail(f"the trials report no {sweep.metric}; pass --metric= one of {', '.join(keys)}.")
-
-
-def cli_text(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    stopped_by = run_worker(sweep, study, storage, args)
+    end(sweep, study, stopped_by)
 
 
 if __name__ == "__main__":

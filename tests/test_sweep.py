@@ -308,6 +308,21 @@ def test_a_resume_after_the_config_file_changed_is_refused(tmp_path):
     )
 
 
+def test_a_trial_begun_past_the_total_is_given_up(tmp_path):
+    """Two workers that ask in the same instant for the last of N trials both get one: the later
+    is given up unrun and left out of the slots, the results and the count."""
+    args, extras = sweep.parse_args([*sweep_command(tmp_path)[3:], "--trials=1"])
+    the_sweep = sweep.build_sweep(args, extras)
+    study = optuna.create_study(direction="maximize")  # in memory
+    first, second = study.ask(), study.ask()
+    with pytest.raises(sweep.Ended, match="surplus"):
+        sweep.run_trial(the_sweep, args, second, [])
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+    assert {k: [t.number for t in v] for k, v in sweep.attempts(study).items()} == {0: [0]}
+    assert sweep.to_run(the_sweep, study) == 0 and first.number == 0
+
+
 # --- By hand, no training -----------------------------------------------------------------------
 
 

@@ -338,7 +338,9 @@ def check_spec(study: optuna.Study, sweep: Sweep) -> None:
 def put_back(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Puts `trial` (stopped, or its worker dead) back in the study: a waiting copy with its
     values, attributes and reports, which the next worker resumes in the same workdir."""
-    optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(study, trial)
+    if not trial.user_attrs.get("surplus"):  # a worker died giving it up: it stays given up
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+        retry(study, trial)
 
 
 def original(trial: optuna.trial.FrozenTrial) -> int:
@@ -361,9 +363,10 @@ def slot_of(trials: Sequence[optuna.trial.FrozenTrial], trial: optuna.trial.Froz
 def attempts(study: optuna.Study) -> dict[int, list[optuna.trial.FrozenTrial]]:
     """slot -> the attempts of trial-<slot>, oldest first."""
     trials = sweep_trials(study)
+    slots = {n: k for k, n in enumerate(t.number for t in trials if original(t) == t.number)}
     by_slot: dict[int, list[optuna.trial.FrozenTrial]] = {}
     for trial in trials:
-        by_slot.setdefault(slot_of(trials, trial), []).append(trial)
+        by_slot.setdefault(slots[original(trial)], []).append(trial)
     return by_slot
 
 
@@ -464,7 +467,9 @@ def run_trial(
     raise Ended(reason or status)
 
 
-def launch(sweep: Sweep, texts: dict[str, str], trial_dir: pathlib.Path) -> tuple[Any, int]:
+def launch(
+    sweep: Sweep, texts: dict[str, str], trial_dir: pathlib.Path
+) -> tuple[subprocess.Popen, int]:
     """Starts a trial's training command, its output appended to its LOG; returns the process
     and where this attempt's output starts in LOG."""
     trial_dir.mkdir(parents=True, exist_ok=True)

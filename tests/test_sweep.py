@@ -1,42 +1,52 @@
-"""python -m train.sweep: a seeded random sweep of the tiny MLP's learning rate (the same trials
-again, in parallel or one by one), a sweep stopped during its third trial and resumed, failed
-trials recorded; the space syntax, the draws, the metric summary and the pruning rule by hand."""
+"""python -m train.sweep: two workers share one optuna study of the tiny MLP's learning rate and
+run exactly its 3 trials; a sweep stopped by SIGTERM, then a worker SIGKILLed, leave their trial to
+a later worker that resumes it from its checkpoint to the uninterrupted trial's reports; seeded
+TPE proposes the same first trials again; failed trials are recorded; the space syntax, the
+metric summary and the median pruner fed from metrics.jsonl by hand."""
 
+import atexit
+import contextlib
 import json
 import math
 import os
 import pathlib
+import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
-import numpy as np
+import optuna
 import pytest
 
 from train import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_STEPS = 40
-# Every trial: 40 steps in calls of 10, a report every 10, evaluation and a checkpoint every 20.
+NUM_STEPS = 20
+# The trials' compiled steps, shared: each trial after the first loads them instead of compiling.
+CACHE = tempfile.mkdtemp(prefix="jaxmodels-sweep-xla-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+# Every trial: 20 steps in calls of 5, a report every 5, evaluation and a checkpoint every 10.
 SHORT = [
     f"--config.train.num_steps={NUM_STEPS}",
-    "--config.train.steps_per_call=10",
-    "--config.train.log_every=10",
-    "--config.train.eval_every=20",
-    "--config.train.checkpoint_every=20",
-    "--config.data.train_split=train[:1024]",
+    "--config.train.steps_per_call=5",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=10",
+    "--config.train.checkpoint_every=10",
+    "--config.data.train_split=train[:512]",
     "--config.data.eval_split=test[:256]",
-    "--config.train.compile_cache_dir=",  # off: the same compile time in every run
+    f"--config.train.compile_cache_dir={CACHE}",
     "--config.model.dropout_rate=0.1",  # dropout on: resumed trials must draw the same masks
 ]
-LEARNING_RATE = "optimizer.learning_rate=loguniform(0.01,0.3)"
+LEARNING_RATE = "optimizer.learning_rate=loguniform(0.03,0.3)"
 TIMING = "train/steps_per_second"  # the one value no two runs share
 
 
 def sweep_command(workdir: pathlib.Path, *more: str) -> list[str]:
-    """A seeded random sweep of 4 trials over the tiny MLP's learning rate."""
+    """A TPE sweep of 3 trials over the tiny MLP's learning rate, seed 7."""
     return [
         sys.executable,
         "-m",
@@ -44,7 +54,7 @@ def sweep_command(workdir: pathlib.Path, *more: str) -> list[str]:
         "--config=configs/mlp.py:tiny",
         f"--workdir={workdir}",
         f"--param={LEARNING_RATE}",
-        "--trials=4",
+        "--trials=3",
         "--seed=7",
         *SHORT,
         *more,
@@ -59,15 +69,14 @@ def read_lines(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "sweep.jsonl").read_text().splitlines()]
 
 
-def read_until(process: subprocess.Popen, text: str) -> None:
-    """Reads `process`'s stdout (unbuffered: one byte at a time, so what follows stays for
-    `communicate`) until a line holds `text`."""
+def read_until(process: subprocess.Popen, text: str) -> str:
+    """Reads `process`'s stdout (unbuffered) until a line holds `text`; returns that line."""
     watchdog = threading.Timer(600, process.kill)  # a safety net only: a hung process ends
     watchdog.start()
     try:
         for line in iter(process.stdout.readline, b""):
             if text in line.decode(errors="replace"):
-                return
+                return line.decode(errors="replace")
     finally:
         watchdog.cancel()
     pytest.fail(f"no {text!r} in the output of {process.args}: {process.communicate()}")
@@ -77,44 +86,63 @@ def without(lines: list[dict], key: str) -> list[dict]:
     return [{k: v for k, v in line.items() if k != key} for line in lines]
 
 
+def start(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    )
+
+
+def finish(process: subprocess.Popen) -> str:
+    stdout, stderr = (out.decode() for out in process.communicate(timeout=900))  # a safety net
+    assert process.returncode == 0, stderr
+    return stdout
+
+
+def load(workdir: pathlib.Path, *more: str) -> tuple[sweep.Sweep, optuna.Study]:
+    """The sweep and study of `workdir`, as the command line opens them."""
+    args, extras = sweep.parse_args(sweep_command(workdir, *more)[3:])
+    the_sweep = sweep.build_sweep(args, extras)
+    return the_sweep, sweep.open_study(the_sweep, args)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted sweep, two trials at a time."""
+    """Two workers started at once on one study of 3 trials."""
     workdir = tmp_path_factory.mktemp("sweep") / "reference"
-    result = run(sweep_command(workdir, "--parallel=2"))
-    assert result.returncode == 0, result.stderr
-    return workdir, result.stdout
+    workers = [start(sweep_command(workdir)) for _ in range(2)]
+    return workdir, [finish(worker) for worker in workers]
 
 
-def test_seeded_random_sweep_of_four_trials(reference):
-    workdir, stdout = reference
+def test_two_workers_run_exactly_the_three_trials_of_one_study(reference):
+    workdir, outputs = reference
+    started = [line for out in outputs for line in out.splitlines() if " started (pid " in line]
+    assert sorted(line.split()[0] for line in started) == [f"trial-00{k}" for k in range(3)]
     lines = read_lines(workdir)
-    drawn = sweep.draw_trials(
-        [sweep.parse_param(LEARNING_RATE)], seed=7, num_trials=4, grid=False, grid_points=3
-    )
-    rates = [float(trial["optimizer.learning_rate"]) for trial in drawn]
-    assert len(set(rates)) == 4 and all(0.01 <= rate <= 0.3 for rate in rates)
-    assert [line["trial"] for line in lines] == [0, 1, 2, 3]
-    assert [line["overrides"] for line in lines] == [
-        {"optimizer.learning_rate": rate} for rate in rates
-    ]
+    the_sweep, study = load(workdir)
+    assert lines == sweep.study_lines(the_sweep, study)  # written from the study
+    # Each slot tried once (a trial that two workers began past the 3rd at once is given up).
+    assert [len(tries) for tries in sweep.attempts(study).values()] == [1, 1, 1]
+    rates = [line["overrides"]["optimizer.learning_rate"] for line in lines]
+    assert len(set(rates)) == 3 and all(0.03 <= rate <= 0.3 for rate in rates)
+    assert [line["trial"] for line in lines] == [0, 1, 2]
     for line, rate in zip(lines, rates, strict=True):
         assert line["status"] == "done" and line["reason"] is None
         assert line["steps"] == NUM_STEPS and line["metric"] == "eval/accuracy"
-        # 10 classes: chance is 0.1; 40 steps of SGD at these rates get well above it.
-        assert 0.5 < line["final"] <= line["best"] <= 1.0
+        # 10 classes: chance is 0.1; 20 steps of SGD at these rates get well above it.
+        assert 0.4 < line["final"] <= line["best"] <= 1.0
         assert math.isfinite(line["wall_s"]) and line["wall_s"] > 0
         config = json.loads((workdir / line["workdir"] / "config.json").read_text())
-        assert config["optimizer"]["learning_rate"] == rate  # the trial's override, exactly
+        assert config["optimizer"]["learning_rate"] == rate  # the trial's value, exactly
         assert config["train"]["num_steps"] == NUM_STEPS  # the sweep's override
         reports = sweep.read_reports(workdir / line["workdir"])
-        assert [r["step"] for r in reports] == [10, 20, 30, 40]
+        assert [r["step"] for r in reports] == [5, 10, 15, 20]
         assert line["final"] == reports[-1]["eval/accuracy"]
     for name in ("sweep_curves.png", "sweep_params.png"):
         assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in workdir.glob(".sweep*")) == []  # no temporary file left
 
     # The winner has the highest final accuracy (the first trial among equals), and its
-    # command line trains it again.
+    # command line trains it again; both workers print it.
     best = max(lines, key=lambda line: (line["final"], -line["trial"]))
     rate = best["overrides"]["optimizer.learning_rate"]
     retrain = "Retrain it: python " + shlex.join(
@@ -124,68 +152,77 @@ def test_seeded_random_sweep_of_four_trials(reference):
             "--config=configs/mlp.py:tiny",
             f"--workdir={workdir}/winner",
             *SHORT,
-            f"--config.optimizer.learning_rate={rate}",
+            f"--config.optimizer.learning_rate={rate!r}",
         ]
     )
-    assert "'--config.data.train_split=train[:1024]'" in retrain  # quoted for the shell
-    assert retrain in stdout.splitlines()
-    assert f"Best: trial-{best['trial']:03d}," in stdout
-
-    # The same command again: the same trials, all kept, nothing run.
-    before = (workdir / "sweep.jsonl").read_text()
-    again = run(sweep_command(workdir))
-    assert again.returncode == 0, again.stderr
-    assert "4 trials (random search, seed 7)" in again.stdout
-    assert "0 to run, 4 finished before" in again.stdout
-    assert (workdir / "sweep.jsonl").read_text() == before
-    assert retrain in again.stdout.splitlines()
+    assert "'--config.data.train_split=train[:512]'" in retrain  # quoted for the shell
+    for out in outputs:
+        assert retrain in out.splitlines() and f"Best: trial-{best['trial']:03d}," in out
 
 
-def test_stopped_sweep_resumes_to_the_trials_of_an_uninterrupted_one(reference, tmp_path):
-    reference_dir, _ = reference
-    workdir = tmp_path / "stopped"
-    # Trial 2 sends SIGTERM to the sweep after its step 10 (train/__main__.py's test hook, which
-    # every trial inherits and only trial-002 acts on), as a scheduler stopping the sweep then
-    # would, and waits for the sweep to pass the stop on: it stops after step 10 on any machine.
-    env = dict(os.environ, JAXMODELS_TEST_SIGNAL="SIGTERM@step:10,workdir=trial-002,to=parent")
-    process = subprocess.Popen(
-        sweep_command(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        bufsize=0,
-    )  # fmt: skip
-    read_until(process, "Sweep of 4 trials")  # printed once the sweep holds its lock
-    process.send_signal(signal.SIGSTOP)  # paused, it holds the lock while a second sweep starts
-    _, status = os.waitpid(process.pid, os.WUNTRACED)  # returns once it is paused
-    assert os.WIFSTOPPED(status)
-    second = run(sweep_command(workdir))  # a second sweep on the same directory is refused
-    assert second.returncode == 2
-    assert second.stderr.startswith(f"error: {workdir} is in use by another sweep (pid ")
-    assert len(second.stderr.splitlines()) == 1
-    process.send_signal(signal.SIGCONT)
-    stdout, stderr = (out.decode() for out in process.communicate(timeout=900))  # a safety net
-    assert process.returncode == 0, stderr
+def propose(seed: int, count: int) -> list[dict[str, str]]:
+    """The values seeded TPE proposes for a sweep's first `count` trials (each told 0.5)."""
+    args, extras = sweep.parse_args([*sweep_command(pathlib.Path("unused"))[3:], f"--seed={seed}"])
+    the_sweep = sweep.build_sweep(args, extras)
+    study = optuna.create_study(direction="maximize")  # in memory
+    proposed = []
+    study.optimize(
+        lambda trial: proposed.append(sweep.sample(the_sweep, args, trial, trial.number)) or 0.5,
+        count,
+    )
+    return proposed
+
+
+def test_seeded_tpe_proposes_the_same_first_trials_twice(reference):
+    first = propose(7, 3)
+    assert propose(7, 3) == first and propose(8, 3) != first
+    assert len({trial["optimizer.learning_rate"] for trial in first}) == 3
+    # Trial K's draws depend on (seed, K) alone: the two racing workers drew these.
+    assert [line["overrides"] for line in read_lines(reference[0])] == [
+        {field: float(text) for field, text in trial.items()} for trial in first
+    ]
+
+
+def test_a_stopped_and_a_killed_worker_leave_their_trial_to_the_next(reference, tmp_path):
+    """Worker 1 gets SIGTERM during trial 0's step 5 and stops; worker 2 resumes the trial and is
+    SIGKILLed after its step 15; worker 3 takes it back once its heartbeat is 2 s late and
+    resumes it from step 15: its reports are the uninterrupted trial's, row for row."""
+    workdir = tmp_path / "interrupted"
+    command = sweep_command(workdir, "--heartbeat=1", "--trials=1")
+    # train/__main__.py's test hook: trial-000 signals its worker at an exact step, and waits for
+    # the worker to pass the stop on (a SIGKILLed worker's trial gets SIGTERM from the kernel).
+    hook = "{}@step:{},workdir=trial-000,to=parent"
+    env = dict(os.environ, JAXMODELS_TEST_SIGNAL=hook.format("SIGTERM", 5))
+    stdout = finish(start(command, env))
     assert stdout.splitlines()[-1] == (
-        "Stopped by SIGTERM: 2 of 4 trials done, 2 to run or resume (stopped trials keep their "
+        "Stopped by SIGTERM: 0 of 1 trials done, 1 to run or resume (stopped trials keep their "
         "checkpoints). Run the same command to resume."
     )
     stopped = read_lines(workdir)
-    assert [line["status"] for line in stopped] == ["done", "done", "stopped"]
-    assert stopped[2]["steps"] == 10  # stopped after the call that was running
-    checkpoints = [p.name for p in (workdir / "trial-002" / "checkpoints").iterdir()]
-    assert "10" in checkpoints
+    assert [(line["status"], line["steps"]) for line in stopped] == [("stopped", 5)]
 
-    result = run(sweep_command(workdir, "--parallel=2"))  # not a setting of the trials
-    assert result.returncode == 0, result.stderr
-    assert "2 to run, 2 finished before" in result.stdout
-    resumed = read_lines(workdir)
-    assert without(resumed, "wall_s") == without(read_lines(reference_dir), "wall_s")
-    for line in resumed:  # row for row the reports of the uninterrupted trials
-        mine = sweep.read_reports(workdir / line["workdir"])
-        theirs = sweep.read_reports(reference_dir / line["workdir"])
-        assert without(mine, TIMING) == without(theirs, TIMING)
-    record = json.loads((workdir / "trial-002" / sweep.RECORD).read_text())
-    assert record["attempts"] == 2
-    log = (workdir / "trial-002" / sweep.LOG).read_text()
-    assert f"Resumed from checkpoint step {stopped[2]['steps']}" in log
+    second = start(command, dict(os.environ, JAXMODELS_TEST_SIGNAL=hook.format("SIGKILL", 15)))
+    line = read_until(second, "trial-000 started (pid ")
+    second.communicate(timeout=900)  # a safety net
+    assert second.returncode == -signal.SIGKILL
+    # The orphaned trial saves and exits: wait for that (a pidfd reads ready once it has ended),
+    # so that no two processes share its workdir.
+    with contextlib.suppress(ProcessLookupError):
+        pidfd = os.pidfd_open(int(line.split("(pid ")[1].split(")")[0]))
+        select.select([pidfd], [], [])
+        os.close(pidfd)
+
+    assert "0 to run" not in finish(start(command))
+    lines = read_lines(workdir)
+    assert without(lines, "wall_s") == without(read_lines(reference[0])[:1], "wall_s")
+    mine = sweep.read_reports(workdir / "trial-000")
+    theirs = sweep.read_reports(reference[0] / "trial-000")
+    assert without(mine, TIMING) == without(theirs, TIMING)
+    log = (workdir / "trial-000" / sweep.LOG).read_text()
+    assert "Resumed from checkpoint step 5" in log and "Resumed from checkpoint step 15" in log
+    _, study = load(workdir, "--heartbeat=1", "--trials=1")
+    F, C = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
+    assert [[t.state for t in tries] for tries in sweep.attempts(study).values()] == [[F, F, C]]
 
 
 def test_failed_trials_are_recorded_and_the_others_finish(tmp_path):
@@ -196,46 +233,58 @@ def test_failed_trials_are_recorded_and_the_others_finish(tmp_path):
         "train.sweep",
         "--config=configs/mlp.py:tiny",
         f"--workdir={workdir}",
-        "--param=optimizer.learning_rate=choice(0.05,abc,1e9)",
-        "--grid",
-        "--parallel=3",
+        "--param=optimizer.learning_rate=choice(abc,1e9,0.05)",
+        "--sampler=grid",
         *SHORT,
     ]
     result = run(command)
     assert result.returncode == 0, result.stderr
     lines = read_lines(workdir)
-    assert [line["overrides"]["optimizer.learning_rate"] for line in lines] == [0.05, "abc", 1e9]
-    assert [line["status"] for line in lines] == ["done", "failed", "failed"]
-    assert lines[0]["steps"] == NUM_STEPS and 0.5 < lines[0]["final"] <= 1.0
-    assert lines[1]["reason"] == (
+    by_value = {line["overrides"]["optimizer.learning_rate"]: line for line in lines}
+    assert sorted(by_value, key=str) == sorted([0.05, "abc", 1e9], key=str)
+    assert [by_value[v]["status"] for v in (0.05, "abc", 1e9)] == ["done", "failed", "failed"]
+    assert by_value[0.05]["steps"] == NUM_STEPS and 0.4 < by_value[0.05]["final"] <= 1.0
+    assert by_value["abc"]["reason"] == (
         "flag --config.optimizer.learning_rate=abc: could not convert string to float: 'abc'"
     )
-    assert lines[1]["steps"] == 0
-    # Diverged at once: the first report (steps 1-10) is not finite.
-    assert lines[2]["reason"].startswith("train/loss is nan in steps 1-10;")
-    assert "Best: trial-000," in result.stdout
-    # The same command again keeps the failed trials as they are.
+    assert by_value["abc"]["steps"] == 0
+    # Diverged at once: the first report (steps 1-5) is not finite.
+    assert by_value[1e9]["reason"].startswith("train/loss is nan in steps 1-5;")
+    assert f"Best: {by_value[0.05]['workdir']}," in result.stdout
+    # The same command again keeps the trials as they are, runs nothing and prints the winner.
     again = run(command)
     assert again.returncode == 0 and "0 to run, 3 finished before" in again.stdout
-    assert read_lines(workdir) == lines
+    assert " started " not in again.stdout and read_lines(workdir) == lines
+    retrain = [line for line in result.stdout.splitlines() if line.startswith("Retrain it: ")]
+    assert len(retrain) == 1 and retrain[0] in again.stdout.splitlines()
 
 
-def test_a_resume_with_other_settings_is_refused(tmp_path):
+def main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Runs the command line in this process: its exit status, stdout and stderr."""
+    with pytest.raises(SystemExit) as ended:
+        sweep.main(argv)
+    return ended.value.code, *capsys.readouterr()
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, capsys):
     workdir = tmp_path / "sweep"
     workdir.mkdir()
-    sweep.check_spec(sweep.build_sweep(*sweep.parse_args(sweep_command(workdir)[3:])))
+    load(workdir)
     command = sweep_command(workdir)
     other = "optimizer.learning_rate=loguniform(0.01,0.5)"
     command[command.index(f"--param={LEARNING_RATE}")] = f"--param={other}"
-    result = run(command)
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == (
-        f"error: {workdir} holds a sweep with other settings (params=['{LEARNING_RATE}']); "
-        "repeat its command (--trials may change) or pass another --workdir.\n"
+    assert main(command[3:], capsys) == (
+        2,
+        "",
+        f"error: {workdir} holds a sweep with other settings (param: ['{LEARNING_RATE}'] then, "
+        f"['{other}'] now); repeat its command (--trials may change), restore the config file or "
+        "pass another --workdir.\n",
     )
-    assert run([*command, "--param=model.dropout_rate=choice(0.1,0.2)"]).stderr == (
+    assert main([*command[3:], "--param=model.dropout_rate=choice(0.1,0.2)"], capsys) == (
+        2,
+        "",
         "error: model.dropout_rate is set by --param and by --config.model.dropout_rate=0.1; "
-        "pass one.\n"
+        "pass one.\n",
     )
 
 
@@ -245,17 +294,33 @@ def test_a_resume_after_the_config_file_changed_is_refused(tmp_path):
     args, extras = sweep.parse_args(
         [f"--config={config}:tiny", f"--workdir={tmp_path / 'sweep'}", f"--param={LEARNING_RATE}"]
     )
-    (tmp_path / "sweep").mkdir()
-    sweep.check_spec(sweep.build_sweep(args, extras))
-    sweep.check_spec(sweep.build_sweep(args, extras))  # unchanged: fine
+    study = optuna.create_study()  # in memory
+    sweep.check_spec(study, sweep.build_sweep(args, extras))
+    sweep.check_spec(study, sweep.build_sweep(args, extras))  # unchanged: fine
     text = config.read_text()
     config.write_text(text.replace("config.data.batch_size = 64", "config.data.batch_size = 32"))
     with pytest.raises(ValueError) as error:
-        sweep.check_spec(sweep.build_sweep(args, extras))
+        sweep.check_spec(study, sweep.build_sweep(args, extras))
     assert str(error.value) == (
-        f"{config}:tiny has changed since the sweep in {tmp_path / 'sweep'} began "
-        "(data.batch_size: 64 then, 32 now); restore it or pass another --workdir."
+        f"{tmp_path / 'sweep'} holds a sweep with other settings (base.data.batch_size: 64 then, "
+        "32 now); repeat its command (--trials may change), restore the config file or pass "
+        "another --workdir."
     )
+
+
+def test_a_trial_begun_past_the_total_is_given_up(tmp_path):
+    """Two workers that ask in the same instant for the last of N trials both get one: the later
+    is given up unrun and left out of the slots, the results and the count."""
+    args, extras = sweep.parse_args([*sweep_command(tmp_path)[3:], "--trials=1"])
+    the_sweep = sweep.build_sweep(args, extras)
+    study = optuna.create_study(direction="maximize")  # in memory
+    first, second = study.ask(), study.ask()
+    with pytest.raises(sweep.Ended, match="surplus"):
+        sweep.run_trial(the_sweep, args, second, [])
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+    assert {k: [t.number for t in v] for k, v in sweep.attempts(study).items()} == {0: [0]}
+    assert sweep.to_run(the_sweep, study) == 0 and first.number == 0
 
 
 # --- By hand, no training -----------------------------------------------------------------------
@@ -293,40 +358,11 @@ def test_bad_spaces_are_one_line_errors(spec, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_random_draws_are_seeded_per_trial():
-    params = [
-        sweep.parse_param("optimizer.learning_rate=loguniform(1e-4,1e-2)"),
-        sweep.parse_param("model.dropout_rate=choice(0.0,0.1,0.2)"),
-        sweep.parse_param("seed=int(0,3)"),
-    ]
-    five = sweep.draw_trials(params, seed=0, num_trials=5, grid=False, grid_points=3)
-    three = sweep.draw_trials(params, seed=0, num_trials=3, grid=False, grid_points=3)
-    assert three == five[:3]  # more trials only add trials
-    rng = np.random.default_rng([0, 4])  # trial 4, its fields in order
-    rate = math.exp(rng.uniform(math.log(1e-4), math.log(1e-2)))
-    dropout = ("0.0", "0.1", "0.2")[int(rng.integers(3))]
-    assert five[4] == {
-        "optimizer.learning_rate": repr(float(f"{rate:.3g}")),
-        "model.dropout_rate": dropout,
-        "seed": str(int(rng.integers(0, 4))),
-    }
-    other = sweep.draw_trials(params, seed=1, num_trials=5, grid=False, grid_points=3)
-    assert other != five
-
-
-def test_grid_is_every_combination():
-    params = [
-        sweep.parse_param("optimizer.learning_rate=loguniform(1e-4,1e-2)"),
-        sweep.parse_param("optimizer.name=choice(sgd,adam)"),
-    ]
-    trials = sweep.draw_trials(params, seed=0, num_trials=0, grid=True, grid_points=3)
-    assert [tuple(t.values()) for t in trials] == [
-        ("0.0001", "sgd"),
-        ("0.0001", "adam"),
-        ("0.001", "sgd"),
-        ("0.001", "adam"),
-        ("0.01", "sgd"),
-        ("0.01", "adam"),
+def test_grid_values():
+    assert sweep.grid_values(sweep.parse_param("a=loguniform(1e-4,1e-2)"), 3) == [
+        "0.0001",
+        "0.001",
+        "0.01",
     ]
     assert sweep.grid_values(sweep.parse_param("a=int(2,4)"), 3) == ["2", "3", "4"]
     assert sweep.grid_values(sweep.parse_param("a=uniform(0,1)"), 5) == [
@@ -363,21 +399,37 @@ def test_metric_summary_by_hand():
     }
 
 
-def test_median_rule_prunes_below_the_finished_trials():
-    def curve(*values):
-        return [{"step": 10 * (i + 1), "eval/accuracy": v} for i, v in enumerate(values)]
-
-    finished = [curve(0.5, 0.8, 0.9), curve(0.6, 0.85, 0.9), curve(0.7, 0.9, 0.95)]
-    reason = sweep.prune_reason(curve(0.3, 0.55), finished, "eval/accuracy", "max", 30)
-    assert reason == (
-        "eval/accuracy 0.55 by step 20, worse than the median 0.85 of 3 finished trials there"
+def test_median_pruner_stops_a_trial_below_the_finished_ones(tmp_path):
+    """The reports that land in a trial's metrics.jsonl go to the study; the median pruner stops
+    the trial at an evaluation whose best value so far is below the median of the finished
+    trials' values at that step, and never at its last evaluation."""
+    args, extras = sweep.parse_args(
+        ["--config=configs/mlp.py:tiny", f"--workdir={tmp_path}", f"--param={LEARNING_RATE}"]
     )
-    assert sweep.prune_reason(curve(0.3, 0.86), finished, "eval/accuracy", "max", 30) is None
-    assert sweep.prune_reason(curve(0.3), finished[:2], "eval/accuracy", "max", 30) is None  # 2 < 3
-    last = curve(0.1, 0.1, 0.1)
-    assert sweep.prune_reason(last, finished, "eval/accuracy", "max", 30) is None  # the last eval
-    losses = [[{"step": 10, "eval/loss": v}] for v in (1.0, 2.0, 3.0)]
-    assert sweep.prune_reason([{"step": 10, "eval/loss": 2.5}], losses, "eval/loss", "min", 30)
+    the_sweep = sweep.build_sweep(args, extras)
+
+    def verdict(*values):
+        study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner("median"))
+        for finished in ((0.5, 0.8, 0.9), (0.6, 0.85, 0.9), (0.7, 0.9, 0.95)):
+            study.add_trial(
+                optuna.trial.create_trial(
+                    value=finished[-1],
+                    intermediate_values={10 * (i + 1): v for i, v in enumerate(finished)},
+                )
+            )
+        trial_dir = the_sweep.trial_dir(0)
+        trial_dir.mkdir(exist_ok=True)
+        (trial_dir / "config.json").write_text(json.dumps({"train": {"num_steps": 30}}))
+        rows = [{"step": 10 * (i + 1), "eval/accuracy": v} for i, v in enumerate(values)]
+        (trial_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return sweep.report(the_sweep, study.ask(), trial_dir, set())
+
+    # Step 10: 0.65 is above the median 0.6 there; step 20: its best 0.65 is below the median
+    # 0.85 of 0.8, 0.85 and 0.9.
+    assert verdict(0.65, 0.55) == "eval/accuracy 0.55 at step 20, stopped by the MedianPruner"
+    assert verdict(0.65, 0.86) is None  # above the median
+    assert verdict(0.65, 0.86, 0.1) is None  # the last evaluation: the trial is done
+    assert verdict(0.3) == "eval/accuracy 0.3 at step 10, stopped by the MedianPruner"
 
 
 def test_failure_reason_is_the_trials_own_error_line():

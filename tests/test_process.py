@@ -55,10 +55,11 @@ def test_environment_holds_each_requested_setting(monkeypatch):
     assert process.environment(train_config(cpu_devices=2)) == {
         "MALLOC_ARENA_MAX": "1",
         "MALLOC_TRIM_THRESHOLD_": str(2**62),
-        "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+        "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # several devices: off the heap from 32 MB
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
         "JAX_NUM_CPU_DEVICES": "2",
     }
+    assert process.environment(train_config())["MALLOC_MMAP_THRESHOLD_"] == str(256 * 2**20)
     monkeypatch.setattr(process, "huge_pages_offered", lambda: False)  # every block on the heap
     assert process.environment(train_config())["MALLOC_MMAP_MAX_"] == "0"
     assert process.environment(train_config(reuse_host_memory=False)) == {}

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, metrics, optim, parallel, sample, steps, translation
+from train import checkpoint, data, metrics, optim, parallel, process, sample, steps, translation
 from train.parallel import Compiled
 from train.state import TrainState, as_tuple, create_train_state, example_inputs
 
@@ -175,6 +175,7 @@ def train_and_evaluate(
         write_samples(config, state, info, sample_rng, workdir)
     if isinstance(info, translation.Seq2SeqInfo) and config.train.sample_lines > 0:
         write_translations(config, state, info, sample_rng, workdir)
+    logging.info("Finished at step %d; %s.", last_step, process.describe_peak_memory())
     return state, scalars
 
 

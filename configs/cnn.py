@@ -31,7 +31,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.data.batch_size = 128  # global: split over all devices and hosts
     config.data.seq_len = 0  # unused by image data
     config.data.vocab_size = 0  # unused by image data
-    config.data.num_workers = 0  # grain read threads; 0 reads in the training thread
+    config.data.num_workers = 0  # read-ahead threads (worker processes if streamed); 0: none
+    # True: decode the training split whole into memory; False: stream it from the files;
+    # "auto": stream MNIST and SST-2 splits over 1 GiB on disk (README: Data).
+    config.data.in_memory = config_dict.FieldReference("auto", field_type=object)
     config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
     config.optimizer = ml_collections.ConfigDict()

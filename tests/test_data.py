@@ -43,6 +43,7 @@ def data_config(data_dir: str, dataset: str = "mnist", **overrides) -> ml_collec
             seq_len=0,
             vocab_size=0,
             num_workers=0,
+            in_memory="auto",
         )
     )
     if dataset == "tiny_shakespeare":
@@ -541,7 +542,7 @@ def test_training_path_does_not_import_tensorflow():
         ]:
             config = ml_collections.ConfigDict(dict(
                 dataset=name, data_dir=None, train_split=split, eval_split=split, batch_size=8,
-                seq_len=seq_len, vocab_size=64, num_workers=0,
+                seq_len=seq_len, vocab_size=64, num_workers=0, in_memory="auto",
             ))
             data.load_info(config)
             next(data.train_iterator(config, seed=0))

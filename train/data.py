@@ -24,6 +24,18 @@ concatenated in process order are exactly the single-process global batch, and t
 iterator state (one integer, `next_index`: the next global batch) means the same thing for any
 process count. grain still iterates, checkpoints and (with `data.num_workers` threads) reads ahead.
 
+Streamed instead of held (`data.in_memory`, see `in_memory`): MNIST and SST-2 splits larger
+than `IN_MEMORY_MAX_BYTES` on disk (or with `data.in_memory=False`) are read on demand. The batches
+are the same, position for position: only where the rows come from changes. Element r of a grain
+data source (`_StreamedBatches`) is process r // K's rows of global batch r % K (K batches per
+process), read from the ArrayRecord files at the batch's example indices and decoded when asked
+for; a `grain.samplers.IndexSampler` sharded by process (`ShardOptions(process_index,
+process_count)`: contiguous ranges of K) hands each process only its own elements, and a
+`grain.DataLoader` decodes them in `data.num_workers` worker processes (0: in the training thread),
+each reading ahead. The iterator's state is the same one integer, so checkpoints of either path
+restore into the other, for any process or worker count. tiny_shakespeare (one example holding the
+whole text, cut into windows) and the translation pairs stay in memory.
+
 Why whole batches: grain shuffling, repeating and batching single example indices is one Python
 element per example, and for a small model on a CPU that host work took longer than the train step
 itself, which then waited on the host. Now `next()` slices the indices out of a cached permutation,
@@ -46,7 +58,8 @@ import grain
 import ml_collections
 import numpy as np
 import PIL.Image
-from absl import logging
+import tensorflow_datasets as tfds
+from absl import flags, logging
 
 from train import tfds_files, translation
 
@@ -68,6 +81,12 @@ _VOCAB_SPLIT = "train"
 # has no copy of a data set it holds: `python -m train --config=configs/transformer.py` runs
 # anywhere, offline, with nothing prepared. Written by `python -m train.prepare`.
 EMBEDDED_DATA_DIR = str(pathlib.Path(__file__).resolve().parent / "embedded_data")
+# `data.in_memory="auto"` streams a training split larger than this on disk (TFDS's count of the
+# split's bytes). Decoded, a split takes more: MNIST's float32 images are 9x its 21 MB of PNGs.
+IN_MEMORY_MAX_BYTES = 1 << 30
+# The kinds of data set whose training split can be streamed: one record per example. A character
+# data set is one example holding the whole text, and the translation pairs are small.
+_STREAMABLE = ("image", "words")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +176,40 @@ def load_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     return _load_info(data_config.dataset, resolve_data_dir(data_config), data_config.vocab_size)
 
 
+def in_memory(data_config: ml_collections.ConfigDict) -> bool:
+    """Whether the training split is decoded whole into memory (True) or streamed (False).
+
+    `data.in_memory`: True, False, or "auto": in memory unless the data set can be streamed (MNIST,
+    SST-2: see `_STREAMABLE`) and its training split is larger than `IN_MEMORY_MAX_BYTES` on disk.
+    """
+    setting, dataset = data_config.in_memory, data_config.dataset
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise ValueError(f"data.in_memory={setting!r} must be True, False or 'auto'.")
+    data_dir = resolve_data_dir(data_config)
+    streamable = _kind(dataset, data_dir) in _STREAMABLE
+    if setting is False and not streamable:
+        raise ValueError(
+            f"data.in_memory=False, but {dataset!r} is not streamed (only "
+            f"{sorted(k for k, v in DATASETS.items() if v in _STREAMABLE)} are); set it to 'auto'."
+        )
+    if setting != "auto":
+        return setting
+    return not streamable or split_bytes(dataset, data_dir, data_config.train_split) <= (
+        IN_MEMORY_MAX_BYTES
+    )
+
+
+def split_bytes(dataset: str, data_dir: str, split: str) -> int:
+    """A split's bytes on disk, from TFDS's dataset info; for a slice ('train[:10%]'), its share
+    of the examples times the data set's mean bytes per example."""
+    info = tfds_files.builder(dataset, data_dir).info
+    if split in info.splits.keys():
+        return int(info.splits[split].num_bytes)
+    num_examples = len(tfds_files.source(dataset, data_dir, split))
+    total = sum(s.num_examples for s in info.splits.values())
+    return num_examples * int(info.dataset_size) // max(total, 1)
+
+
 def train_iterator(
     data_config: ml_collections.ConfigDict,
     *,
@@ -166,6 +219,9 @@ def train_iterator(
     indices_only: bool = False,
 ) -> grain.DatasetIterator:
     """An endless, seeded stream of this process's training batches over `data.train_split`.
+
+    The split is decoded whole into memory or streamed as `in_memory(data_config)` says; the
+    batches and the iterator states are the same either way.
 
     Global batch k holds examples at positions k * batch_size .. k * batch_size + batch_size - 1 of
     an endless stream: epoch after epoch, each a new permutation of the split, with no gap at an
@@ -187,6 +243,15 @@ def train_iterator(
     """
     global_batch_size = data_config.batch_size
     batch_size = _process_batch_size(global_batch_size, process_index, process_count)
+    if not in_memory(data_config):
+        if indices_only:
+            raise ValueError(
+                "data.on_device needs the training split in memory, but it is streamed "
+                "(data.in_memory); set data.on_device=False."
+            )
+        return _StreamIterator(
+            functools.partial(_stream_loader, data_config, seed, process_index, process_count)
+        )
     # Batches of indices read nothing but the split's size: take it from the arrays the devices
     # hold, so the device path never builds the host's float32 copy of MNIST.
     examples = device_examples(data_config)[0] if indices_only else train_examples(data_config)
@@ -234,6 +299,144 @@ class _BatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         self._next_index = int(state["next_index"])
+
+
+class _StreamIterator(grain.DatasetIterator):
+    """Streamed training batches (`_stream_loader`), with the in-memory iterator's state:
+    `{"next_index": k}`, the next global batch. `set_state` starts a new loader at batch k."""
+
+    def __init__(self, make_loader: Callable[[int], grain.DataLoader]):
+        super().__init__()
+        self._make_loader, self._next_index, self._batches = make_loader, 0, None
+
+    def __next__(self) -> Batch:
+        if self._batches is None:  # started on the first batch: a restore starts no workers twice
+            self._batches = iter(self._make_loader(self._next_index))
+        batch = next(self._batches)
+        self._next_index += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_index": self._next_index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._next_index, self._batches = int(state["next_index"]), None
+
+
+def _stream_loader(
+    data_config: ml_collections.ConfigDict,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    first_batch: int,
+) -> grain.DataLoader:
+    """A grain DataLoader of this process's rows of global batches first_batch, first_batch + 1,
+    ...: each read from the ArrayRecord files and decoded in one of `data.num_workers` worker
+    processes (0: in the calling thread), two batches ahead per worker."""
+    num_workers = data_config.num_workers
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers} must be >= 0.")
+    dataset, data_dir = data_config.dataset, resolve_data_dir(data_config)
+    split = data_config.train_split
+    kind = _kind(dataset, data_dir)
+    info = _load_info(dataset, data_dir, data_config.vocab_size) if kind == "words" else None
+    num_examples = len(tfds_files.source(dataset, data_dir, split))
+    _check_has_training_examples(num_examples, dataset, split, data_dir)
+    if kind == "words":
+        _check_seq_len(data_config.seq_len, dataset)
+    source = _StreamedBatches(
+        dataset=dataset,
+        data_dir=data_dir,
+        split=split,
+        kind=kind,
+        seq_len=data_config.seq_len,
+        info=info,
+        num_examples=num_examples,
+        seed=seed,
+        global_batch_size=data_config.batch_size,
+        process_count=process_count,
+        first_batch=first_batch,
+        # Endless in practice, stream positions below 2**63 as int64 numpy arrays need.
+        num_batches=sys.maxsize // (data_config.batch_size * process_count) - first_batch,
+    )
+    if num_workers and not flags.FLAGS.is_parsed():
+        # grain's worker processes read its absl flags; outside `python -m train` (a notebook, a
+        # test) nothing has parsed them, and reading one would raise. Their defaults hold.
+        flags.FLAGS.mark_as_parsed()
+    shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(
+        len(source), shard_options=shard, shuffle=False, num_epochs=1
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        worker_count=num_workers,
+        worker_buffer_size=2,
+        # Within a worker, one thread reads one batch ahead (not grain's default 16 threads and
+        # 500 elements, which here would be 500 batches); in the training thread, none.
+        read_options=grain.ReadOptions(
+            num_threads=min(num_workers, 1), prefetch_buffer_size=min(num_workers, 1)
+        ),
+    )
+
+
+@dataclasses.dataclass
+class _StreamedBatches:
+    """A grain data source: element r is process r // num_batches's rows of global batch
+    first_batch + r % num_batches, read from the split's ArrayRecord files and decoded on demand.
+
+    Rows and decoding are those of the in-memory path (`_shuffled_stream`, `_decode_image_records`,
+    `_sentence_batch`), so the batches are bitwise the same. Pickled into grain's worker
+    processes: the open files and the cached permutations are made again there, on first use.
+    """
+
+    dataset: str
+    data_dir: str
+    split: str
+    kind: str  # 'image' or 'words'
+    seq_len: int
+    info: DatasetInfo | None = dataclasses.field(repr=False)  # the vocabulary (words)
+    num_examples: int
+    seed: int
+    global_batch_size: int
+    process_count: int
+    first_batch: int
+    num_batches: int  # per process
+    _opened: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return self.process_count * self.num_batches
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_opened": None}
+
+    def _open(self) -> tuple:
+        if self._opened is None:  # a race only opens the same files twice
+            if self.kind == "image":  # the stored records, parsed and decoded here
+                raw = tfds.decode.DeserializeMethod.RAW_BYTES
+                records = tfds_files.source(
+                    self.dataset, self.data_dir, self.split, deserialize_method=raw
+                )
+                features = tfds_files.builder(self.dataset, self.data_dir).info.features
+                records = (records, features["image"].shape)
+            else:
+                records = (tfds_files.source(self.dataset, self.data_dir, self.split), None)
+            self._opened = (*records, _shuffled_stream(self.num_examples, self.seed))
+        return self._opened
+
+    def __getitem__(self, record_key: int) -> Batch:
+        records, image_shape, example_indices = self._open()
+        process_index, batch = divmod(int(record_key), self.num_batches)
+        batch_size = self.global_batch_size // self.process_count
+        start = (self.first_batch + batch) * self.global_batch_size + process_index * batch_size
+        indices = example_indices(start, batch_size)
+        if self.kind == "words":
+            return _sentence_batch(records, self.info, self.seq_len, indices)
+        read = records.__getitems__([int(i) for i in indices])
+        pixels, labels = _decode_image_records(read, image_shape)
+        images = pixels.astype(np.float32)
+        images *= _PIXEL_SCALE  # as _image_arrays does: bitwise the same
+        return {"inputs": images, "targets": labels, "weights": np.ones(len(labels), np.float32)}
 
 
 def train_examples(data_config: ml_collections.ConfigDict) -> Batch:
@@ -445,7 +648,15 @@ def _image_pixels(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, 
     calling PIL directly, as here, is about twice as fast as tfds's own numpy decoding.
     """
     shape = tfds_files.builder(dataset, data_dir).info.features["image"].shape  # (28, 28, 1)
-    records = tfds_files.records(dataset, data_dir, split)
+    pixels, labels = _decode_image_records(tfds_files.records(dataset, data_dir, split), shape)
+    pixels.flags.writeable = labels.flags.writeable = False  # cached and shared
+    return pixels, labels
+
+
+def _decode_image_records(
+    records: Sequence[bytes], shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored records (serialized tf.train.Example) -> uint8 pixels [n, *shape], int32 labels."""
     pixels = np.empty((len(records), *shape), np.uint8)  # [n, 28, 28, 1]
     labels = np.empty(len(records), np.int32)
     parse = tfds_files.example_message().FromString
@@ -454,7 +665,6 @@ def _image_pixels(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, 
         png = feature["image"].bytes_list.value[0]
         pixels[i] = np.asarray(PIL.Image.open(io.BytesIO(png))).reshape(shape)
         labels[i] = feature["label"].int64_list.value[0]
-    pixels.flags.writeable = labels.flags.writeable = False  # cached and shared
     return pixels, labels
 
 

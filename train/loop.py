@@ -111,8 +111,13 @@ def train_and_evaluate(
             write_config(config, workdir)
 
         # Restore: the newest readable checkpoint, the data iterator's position included. With
-        # data.on_device the training split lives in device memory and the host sends indices.
-        on_device = config.data.on_device and config.train.parallelism == "jit"
+        # data.on_device the training split lives in device memory and the host sends indices;
+        # a streamed split (data.in_memory) is never held whole, so its batches come from the host.
+        on_device = (
+            config.data.on_device
+            and config.train.parallelism == "jit"
+            and data.in_memory(config.data)
+        )
         manager = checkpoint.make_manager(
             workdir / "checkpoints", keep=config.train.checkpoint_keep
         )

@@ -37,7 +37,8 @@ import sys
 import time
 
 import numpy as np
-from tensorboardX.proto import event_pb2
+
+from train import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("train/steps_per_second",)  # values no two runs share
@@ -222,22 +223,9 @@ def tensorboard_differences(reference: pathlib.Path, other: pathlib.Path) -> lis
 
 
 def tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[int, str, float]]:
-    """(step, tag, value) of every scalar in a run's TensorBoard event files, in the order written.
-
-    Read as train/metrics.py's `trim_events` reads them, without TensorBoard: an event file is
-    TFRecord, each record an 8-byte length, its 4-byte checksum, a serialized `Event` and its
-    4-byte checksum. A file's name holds the second it was opened in, then the host and the step
-    it resumed from (train/metrics.py), so sorted names are the order in which they were written.
-    """
-    found = []
-    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
-        data, position = path.read_bytes(), 0
-        while position + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[position : position + 8])
-            event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
-            found += [(event.step, value.tag, value.simple_value) for value in event.summary.value]
-            position += 12 + length + 4
-    return found
+    """(step, tag, value) of every scalar in a run's TensorBoard event files, in the order written
+    (`train.metrics.read_events`, without TensorBoard)."""
+    return metrics.read_events(workdir / "tensorboard")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from commands import start_train
 
 from train import loop
 from train.config import load_config
@@ -70,21 +71,13 @@ def test_sigterm_then_resume_is_bitwise_equal(stop_at, reference, tmp_path):
 
 
 def cli(workdir, *overrides, signal_at=None):
-    """The command line on `workdir`; `signal_at` sets its test hook (train/__main__.py), by
-    which the run signals itself at an exact step."""
-    env = dict(os.environ)
-    env.pop("JAXMODELS_TEST_SIGNAL", None)
-    if signal_at is not None:
-        env["JAXMODELS_TEST_SIGNAL"] = signal_at
-    arguments = [
-        sys.executable, "-m", "train", "--config=configs/mlp.py:tiny", f"--workdir={workdir}",
+    """The command line on `workdir`; `signal_at` sets its test hook (`commands.start_train`)."""
+    return start_train(
+        "--config=configs/mlp.py:tiny", f"--workdir={workdir}",
         "--config.data.train_split=train[:1024]", "--config.data.eval_split=test[:256]",
         "--config.model.dropout_rate=0.1", f"--config.train.num_steps={NUM_STEPS}",
         "--config.train.log_every=1", "--config.train.eval_every=20",
-        "--config.train.checkpoint_every=10", *overrides,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        arguments, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        "--config.train.checkpoint_every=10", *overrides, signal_at=signal_at,
     )  # fmt: skip
 
 

@@ -10,16 +10,15 @@ import pathlib
 import signal
 import struct
 import subprocess
-import sys
 import types
 
 import chex
 import jax
 import pytest
+from commands import start_train
 from tensorboardX import event_file_writer
-from tensorboardX.proto import event_pb2
 
-from train import loop
+from train import loop, metrics
 from train.config import load_config
 from train.metrics import read_metrics
 
@@ -53,18 +52,10 @@ def without_timing(reports: list[dict]) -> list[dict]:
 def event_scalars(workdir: pathlib.Path) -> list[tuple[int, str, str | None]]:
     """(step, tag, value) of every scalar in the run's TensorBoard event files, in order. The value
     is its float32's bits in hex, so that comparisons are bitwise; None for TIMING."""
-    found = []
-    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
-        data, position = path.read_bytes(), 0
-        while position + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[position : position + 8])
-            event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
-            found += [
-                (event.step, value.tag, None if value.tag == TIMING else bits(value.simple_value))
-                for value in event.summary.value
-            ]
-            position += 16 + length
-    return found
+    return [
+        (step, tag, None if tag == TIMING else bits(value))
+        for step, tag, value in metrics.read_events(workdir / "tensorboard")
+    ]
 
 
 def bits(value: float) -> str:
@@ -165,16 +156,10 @@ def test_three_sigkills_at_chosen_moments_change_nothing(tmp_path, capsys):
 
 
 def cli(workdir, *overrides, signal_at=None):
-    """The command line on `workdir`; `signal_at` sets its test hook (train/__main__.py), by
-    which the run signals itself at an exact step."""
-    env = dict(os.environ)
-    env.pop("JAXMODELS_TEST_SIGNAL", None)
-    if signal_at is not None:
-        env["JAXMODELS_TEST_SIGNAL"] = signal_at
-    return subprocess.Popen(
-        [sys.executable, "-m", "train", "--config=configs/mlp.py:tiny", f"--workdir={workdir}",
-         "--config.train.steps_per_call=1", *overrides],
-        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    """The command line on `workdir`; `signal_at` sets its test hook (`commands.start_train`)."""
+    return start_train(
+        "--config=configs/mlp.py:tiny", f"--workdir={workdir}", "--config.train.steps_per_call=1",
+        *overrides, signal_at=signal_at,
     )  # fmt: skip
 
 

@@ -114,30 +114,45 @@ def truncate_after(path: pathlib.Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def trim_events(directory: pathlib.Path, step: int) -> None:
-    """Drops the TensorBoard events of steps after `step` (and a record a kill cut short) from the
-    event files in `directory`, as `truncate_after` does for metrics.jsonl.
+def _event_records(data: bytes):
+    """(record bytes, its `Event`) of each whole record of an event file's `data`, in order.
 
     Event files are TFRecord files: each record is an 8-byte length, its 4-byte checksum, the
-    serialized `Event` and its 4-byte checksum; kept records are copied byte for byte.
+    serialized `Event` and its 4-byte checksum. A record a kill cut short ends the file.
     """
+    position = 0
+    while position + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[position : position + 8])
+        end = position + 12 + length + 4
+        if end > len(data):
+            return  # a record cut short
+        yield data[position:end], event_pb2.Event.FromString(data[position + 12 : end - 4])
+        position = end
+
+
+def trim_events(directory: pathlib.Path, step: int) -> None:
+    """Drops the TensorBoard events of steps after `step` (and a record a kill cut short) from the
+    event files in `directory`, as `truncate_after` does for metrics.jsonl; kept records are
+    copied byte for byte."""
     if not directory.is_dir():
         return
     for path in sorted(directory.glob("events.out.tfevents.*")):
         data = path.read_bytes()
-        kept, position = [], 0
-        while position + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[position : position + 8])
-            end = position + 12 + length + 4
-            if end > len(data):
-                break  # a record cut short
-            event = event_pb2.Event.FromString(data[position + 12 : end - 4])
-            if event.step <= step:
-                kept.append(data[position:end])
-            position = end
-        trimmed = b"".join(kept)
+        trimmed = b"".join(record for record, event in _event_records(data) if event.step <= step)
         if trimmed != data:
             path.write_bytes(trimmed)
+
+
+def read_events(directory: pathlib.Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in the event files in `directory`, in the order written
+    (a file's name holds the second it was opened in and the step it resumed from, so sorted names
+    are that order)."""
+    return [
+        (event.step, value.tag, value.simple_value)
+        for path in sorted(directory.glob("events.out.tfevents.*"))
+        for _, event in _event_records(path.read_bytes())
+        for value in event.summary.value
+    ]
 
 
 def read_metrics(path: pathlib.Path | str) -> list[dict[str, float]]:

@@ -63,7 +63,8 @@ SAMPLERS = {
     "grid": optuna.samplers.GridSampler,
 }
 PRUNERS = ("median", "percentile", "hyperband", "none")
-SPEC = ("config", "param", "sampler", "grid_points", "seed", "metric", "mode")  # fix the trials
+SPEC = ("config", "param", "sampler", "grid_points", "seed", "startup_trials", "metric", "mode")
+LEARNING = ("tpe", "cmaes", "gp")  # samplers that draw at random for their first trials
 FINISHED = ("done", "failed", "pruned")
 LOG = "train.log"  # in each trial's workdir: the training command's stdout and stderr
 STATUS = {
@@ -179,9 +180,12 @@ def suggest(trial: optuna.Trial, param: Param) -> str:
 
 
 def make_sampler(
-    name: str, seed: int, params: Sequence[Param], grid_points: int
+    name: str, seed: int, params: Sequence[Param], grid_points: int, startup: int | None = None
 ) -> optuna.samplers.BaseSampler:
-    """The --sampler of that name, seeded."""
+    """The --sampler of that name, seeded; tpe, cmaes and gp draw their first `startup` trials at
+    random (None: optuna's own number, 10 for tpe and gp, 1 for cmaes)."""
+    if name in LEARNING and startup is not None:
+        return SAMPLERS[name](seed=seed, n_startup_trials=startup)
     if name != "grid":
         return SAMPLERS[name](seed=seed)
     space = {p.field: [literal(v) for v in grid_values(p, grid_points)] for p in params}
@@ -310,7 +314,9 @@ def open_study(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
     study = optuna.create_study(
         storage=storage,
         study_name=sweep.workdir.resolve().name,
-        sampler=make_sampler(args.sampler, args.seed, sweep.params, args.grid_points),
+        sampler=make_sampler(
+            args.sampler, args.seed, sweep.params, args.grid_points, args.startup_trials
+        ),
         pruner=make_pruner(args.pruner),
         direction="maximize" if sweep.mode == "max" else "minimize",
         load_if_exists=True,
@@ -393,7 +399,7 @@ def sample(
     whichever worker takes them."""
     if args.sampler not in ("grid", "qmc"):
         seed = int(np.random.SeedSequence([args.seed, slot]).generate_state(1)[0])
-        trial.study.sampler = make_sampler(args.sampler, seed, sweep.params, 0)
+        trial.study.sampler = make_sampler(args.sampler, seed, sweep.params, 0, args.startup_trials)
     return {p.field: suggest(trial, p) for p in sweep.params}
 
 
@@ -769,6 +775,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     add("--sampler", choices=list(SAMPLERS), default="tpe", help="What picks the values.")
     add("--seed", type=int, default=0, help="The sampler's seed.")
     add("--grid_points", type=int, default=3, help="Grid: values of each float range.")
+    add("--startup_trials", type=int, help="tpe, cmaes, gp: random trials first (optuna's).")
     add("--pruner", choices=PRUNERS, default="none", help="What stops trials early.")
     add("--metric", default="eval/accuracy", help="A metrics.jsonl key.")
     add("--mode", choices=("max", "min"), default="max", help="Best is max/min.")
@@ -779,6 +786,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         parser.error(f"--trials={args.trials}: run at least 1 trial.")
     if args.grid_points < 2:
         parser.error(f"--grid_points={args.grid_points}: a range needs at least 2 points.")
+    if args.startup_trials is not None and args.startup_trials < 0:
+        parser.error(f"--startup_trials={args.startup_trials}: give 0 or more.")
     if args.heartbeat < 1:
         parser.error(f"--heartbeat={args.heartbeat}: give at least 1 second.")
     return args, extras

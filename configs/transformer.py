@@ -10,14 +10,14 @@ TPU raise `model.width`, `model.num_layers`, `data.seq_len` and `data.batch_size
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from train.config import base_config
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     """Returns the config; `variant` is 'default', 'tiny' (seconds on a laptop CPU) or 'small'."""
-    config = ml_collections.ConfigDict()
+    config = base_config()  # the shared settings, commented there
 
-    config.model = ml_collections.ConfigDict()
     config.model.name = "transformer"
     config.model.vocab_size = 65  # characters of the training text; >= the data's vocabulary
     config.model.num_layers = 4
@@ -35,56 +35,26 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.scan_layers = False  # True: one scanned layer, compile time flat in depth
     config.model.remat = False  # recompute activations in backward: less memory
 
-    config.data = ml_collections.ConfigDict()
     config.data.dataset = "tiny_shakespeare"
-    # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets (and the package's own tiny_shakespeare).
-    config.data.data_dir = config_dict.placeholder(str)
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
     config.data.batch_size = 32  # global: split over all devices and hosts
     config.data.seq_len = 128  # characters per training window
-    config.data.vocab_size = 0  # unused: the character vocabulary is read off the training text
-    config.data.num_workers = 0  # read-ahead threads (worker processes if streamed); 0: none
-    # True: decode the training split whole into memory; False: stream it from the files;
-    # "auto": stream MNIST and SST-2 splits over 1 GiB on disk (README: Data).
-    config.data.in_memory = config_dict.FieldReference("auto", field_type=object)
-    config.data.on_device = True  # split in device memory, batches gathered there (jit only)
 
-    config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # any optax optimizer: sgd, adam, adamw, lion, adafactor, ...
     # optax.adamw\'s own arguments; b2 0.99: on a small data set a shorter second-moment memory
     # helps.
     config.optimizer.kwargs = ml_collections.ConfigDict(dict(b1=0.9, b2=0.99))
     config.optimizer.learning_rate = 2e-3  # peak value of the schedule (1e-3 learnt more slowly)
     config.optimizer.weight_decay = 0.1  # on weight matrices and embeddings, not biases or norms
-    config.optimizer.schedule = "cosine"  # constant | cosine (both after a linear warmup)
-    config.optimizer.warmup_steps = 100
     config.optimizer.end_learning_rate = 1e-4  # cosine only: value at the last step
     config.optimizer.grad_clip_norm = 1.0  # clip the global gradient norm; 0 disables
 
-    config.train = ml_collections.ConfigDict()
     config.train.num_steps = 1500  # about 6 epochs of the 1M training characters
-    config.train.log_every = 100
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
-    config.train.checkpoint_keep = 3  # newest checkpoints kept on disk
-    config.train.keep_best = ""  # an eval metric, e.g. eval/accuracy: keep its best params
-    config.train.parallelism = "jit"  # jit (sharded over a device mesh) | pmap
-    config.train.mesh = ml_collections.ConfigDict()  # device mesh axes; -1 takes the rest
-    config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices
-    config.train.mesh.fsdp = 1  # >1 shards params and optimizer state (FSDP)
-    config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
-    config.train.steps_per_call = 1  # steps run in one compiled call; >1 for sub-ms steps
-    config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)
-    config.train.reuse_host_memory = True  # command line, CPU: see train/process.py
     config.train.cpu_devices = 2  # command line, CPU: see train/process.py
-    config.train.profile_steps = 0  # >0: a JAX profiler trace of that many steps, WORKDIR/profile
-    config.train.profile_first_step = 10  # the first step traced (after the compile of step 1)
     config.train.sample_lines = 4  # text samples written to the log and workdir at the end
     config.train.sample_length = 200  # characters per sample
     config.train.sample_temperature = 0.8
-
-    config.seed = 0
 
     if variant == "tiny":
         config.model.num_layers = 2

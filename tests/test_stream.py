@@ -1,8 +1,11 @@
 """A streamed training split (data.in_memory=False) gives the in-memory path's batches, bitwise:
 first batches, process shards, a stop and a resume, a whole run; and "auto" picks a path by size.
 
-On the committed slices (tests/data/tfds: MNIST train[:8192], SST-2 train[:4096])."""
+On the committed slices (tests/data/tfds: MNIST train[:8192], SST-2 train[:4096]), the embedded
+tiny_shakespeare, and a text data set of many records written here by TFDS's own writer
+(benchmarks/text_dataset.py)."""
 
+import importlib.util
 import json
 import pathlib
 import signal
@@ -40,6 +43,28 @@ def data_config(data_dir: str, dataset: str, in_memory, **overrides) -> ml_colle
         config.update(eval_split="validation", seq_len=16, vocab_size=512)
     config.update(overrides)
     return config
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> str:
+    """generated_text: ~1,200 records of 100-300 characters (some beyond ASCII, every 97th
+    empty), so a window of 64 characters often spans two or three records."""
+    path = REPO / "benchmarks" / "text_dataset.py"
+    spec = importlib.util.spec_from_file_location("text_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    directory = tmp_path_factory.mktemp("text")
+    module.write(directory, train_chars=250_000, record_chars=200, seed=1, accents=True)
+    return str(directory)
+
+
+def text_config(data_dir, in_memory, **overrides) -> ml_collections.ConfigDict:
+    return data_config(
+        data_dir,
+        "generated_text",
+        in_memory,
+        **dict(train_split="train", eval_split="validation", seq_len=64) | overrides,
+    )
 
 
 def take(iterator, n: int) -> list[dict]:
@@ -125,6 +150,44 @@ def test_a_resumed_stream_goes_on_with_the_uninterrupted_batches(data_dir, datas
     assert_batches_bitwise_equal(take(held, 4), uninterrupted[5:])
 
 
+def test_a_text_split_streams_the_windows_the_whole_text_is_cut_into(text_dir):
+    held, streamed = text_config(text_dir, True), text_config(text_dir, False)
+    assert data.in_memory(held) and not data.in_memory(streamed)
+    starts, characters = data._text_layout("generated_text", text_dir, "train")
+    assert starts[0] == 0 and (np.diff(starts) >= 0).all() and (np.diff(starts) == 0).any()
+    assert "é" in characters and "ä" in characters and data.load_info(held).vocab == tuple(
+        characters
+    )
+    num_windows = (int(starts[-1]) - 1) // 64
+    assert len(data.train_examples(held)["inputs"]) == num_windows  # the same examples
+    # 2 epochs and a bit, so batches straddle epoch boundaries.
+    num_batches = 2 * num_windows // 48 + 2
+    expected = take(data.train_iterator(held, seed=4), num_batches)
+    got = take(data.train_iterator(streamed, seed=4), num_batches)
+    assert_batches_bitwise_equal(got, expected)
+    assert got[0]["inputs"].shape == got[0]["targets"].shape == (48, 64)
+    text = "".join(data.load_info(held).decode(row) for row in got[0]["inputs"][:1])
+    assert len(text) == 64
+
+
+def test_a_text_stream_shards_by_process_and_resumes(text_dir):
+    config = text_config(text_dir, False)
+    whole = take(data.train_iterator(config, seed=6), 5)
+    shards = [
+        take(data.train_iterator(config, seed=6, process_index=p, process_count=2), 5)
+        for p in (0, 1)
+    ]
+    for k in range(5):
+        for key in ("inputs", "targets"):
+            joined = np.concatenate([shards[0][k][key], shards[1][k][key]])
+            assert joined.tobytes() == whole[k][key].tobytes()
+    stopped = data.train_iterator(config, seed=6)
+    take(stopped, 3)
+    resumed = data.train_iterator(config, seed=6)
+    resumed.set_state(stopped.get_state())
+    assert_batches_bitwise_equal(take(resumed, 2), whole[3:])
+
+
 def test_worker_processes_give_the_same_batches(data_dir):
     config = data_config(data_dir, "mnist", False)
     expected = take(data.train_iterator(config, seed=2), 6)
@@ -138,6 +201,8 @@ def test_worker_processes_give_the_same_batches(data_dir):
 def test_auto_holds_the_small_slices_and_streams_above_the_threshold(data_dir, monkeypatch):
     for dataset in ("mnist", "glue/sst2"):
         assert data.in_memory(data_config(data_dir, dataset, "auto"))
+    text = data_config(None, "tiny_shakespeare", "auto", train_split="train", seq_len=32)
+    assert data.in_memory(text)
     # The bytes "auto" compares: TFDS's count for a whole split, a share of the data set's
     # bytes for a slice (tests/data/tfds/mnist: 2895722 bytes over 9192 examples).
     assert data.split_bytes("mnist", data_dir, "train") == 2580366
@@ -145,16 +210,15 @@ def test_auto_holds_the_small_slices_and_streams_above_the_threshold(data_dir, m
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 200 * 2895722 // 9192 - 1)
     assert not data.in_memory(data_config(data_dir, "mnist", "auto"))
     assert data.in_memory(data_config(data_dir, "mnist", "auto", train_split="train[:199]"))
-    # tiny_shakespeare, one example holding the whole text, is never streamed.
+    # tiny_shakespeare (1 MB) streams above the threshold, as any text data set.
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
-    text = data_config(None, "tiny_shakespeare", "auto", train_split="train", seq_len=32)
-    assert data.in_memory(text)
+    assert not data.in_memory(text)
 
 
 def test_settings_that_cannot_stream_are_one_line_errors(data_dir):
-    text = data_config(None, "tiny_shakespeare", False, train_split="train", seq_len=32)
-    with pytest.raises(ValueError, match=r"^data.in_memory=False, but 'tiny_shakespeare' is not"):
-        data.train_iterator(text, seed=0)
+    pairs = data_config(None, "addition", False, train_split="train", seq_len=8)
+    with pytest.raises(ValueError, match=r"^data.in_memory=False, but 'addition' is not"):
+        data.train_iterator(pairs, seed=0)
     with pytest.raises(ValueError, match=r"^data.in_memory='yes' must be True, False or 'auto'"):
         data.in_memory(data_config(data_dir, "mnist", "yes"))
     with pytest.raises(ValueError, match=r"^data.on_device needs the training split in memory"):

@@ -84,9 +84,8 @@ EMBEDDED_DATA_DIR = str(pathlib.Path(__file__).resolve().parent / "embedded_data
 # `data.in_memory="auto"` streams a training split larger than this on disk (TFDS's count of the
 # split's bytes). Decoded, a split takes more: MNIST's float32 images are 9x its 21 MB of PNGs.
 IN_MEMORY_MAX_BYTES = 1 << 30
-# The kinds of data set whose training split can be streamed: one record per example. A character
-# data set is one example holding the whole text, and the translation pairs are small.
-_STREAMABLE = ("image", "words")
+# The kinds of data set whose training split can be streamed (the translation pairs are small).
+_STREAMABLE = ("image", "words", "characters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +110,14 @@ class DatasetInfo:
     def __post_init__(self):
         object.__setattr__(self, "_ids", {token: i for i, token in enumerate(self.vocab)})
 
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        """Characters: code point -> id, -1 for a character outside the vocabulary (and in the
+        last slot, where code points beyond the table go)."""
+        table = np.full(max(map(ord, self.vocab)) + 2, -1, np.int32)
+        table[[ord(c) for c in self.vocab]] = np.arange(len(self.vocab), dtype=np.int32)
+        return table
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text`, int32 [num_tokens]; unknown words map to UNK_ID."""
         if not self.vocab:
@@ -119,8 +126,7 @@ class DatasetInfo:
             return np.array([self._ids.get(w, UNK_ID) for w in text.lower().split()], np.int32)
         # Characters: one table lookup over the code points, not a Python loop over a 1M-char text.
         code_points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        table = np.full(max(map(ord, self.vocab)) + 2, -1, np.int32)
-        table[[ord(c) for c in self.vocab]] = np.arange(len(self.vocab), dtype=np.int32)
+        table = self._table
         ids = table[np.minimum(code_points, len(table) - 1)]  # the last slot is -1: out of range
         if (ids < 0).any():
             unknown = sorted({text[i] for i in np.flatnonzero(ids < 0)[:100]})
@@ -179,8 +185,9 @@ def load_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
 def in_memory(data_config: ml_collections.ConfigDict) -> bool:
     """Whether the training split is decoded whole into memory (True) or streamed (False).
 
-    `data.in_memory`: True, False, or "auto": in memory unless the data set can be streamed (MNIST,
-    SST-2: see `_STREAMABLE`) and its training split is larger than `IN_MEMORY_MAX_BYTES` on disk.
+    `data.in_memory`: True, False, or "auto": in memory unless the data set can be streamed (all
+    but the translation pairs: see `_STREAMABLE`) and its training split is larger than
+    `IN_MEMORY_MAX_BYTES` on disk.
     """
     setting, dataset = data_config.in_memory, data_config.dataset
     if not (isinstance(setting, bool) or setting == "auto"):
@@ -190,7 +197,8 @@ def in_memory(data_config: ml_collections.ConfigDict) -> bool:
     if setting is False and not streamable:
         raise ValueError(
             f"data.in_memory=False, but {dataset!r} is not streamed (only "
-            f"{sorted(k for k, v in DATASETS.items() if v in _STREAMABLE)} are); set it to 'auto'."
+            f"{sorted(k for k, v in DATASETS.items() if v in _STREAMABLE)} and text data sets "
+            "are); set it to 'auto'."
         )
     if setting != "auto":
         return setting
@@ -339,8 +347,14 @@ def _stream_loader(
     dataset, data_dir = data_config.dataset, resolve_data_dir(data_config)
     split = data_config.train_split
     kind = _kind(dataset, data_dir)
-    info = _load_info(dataset, data_dir, data_config.vocab_size) if kind == "words" else None
-    num_examples = len(tfds_files.source(dataset, data_dir, split))
+    info = _load_info(dataset, data_dir, data_config.vocab_size) if kind != "image" else None
+    starts = None  # characters: where each record's text starts in the split's text
+    if kind == "characters":
+        # Examples are the windows the in-memory path cuts from the whole text (whole ones only).
+        starts = _text_layout(dataset, data_dir, split)[0]
+        num_examples = max(int(starts[-1]) - 1, 0) // _check_seq_len(data_config.seq_len, dataset)
+    else:
+        num_examples = len(tfds_files.source(dataset, data_dir, split))
     _check_has_training_examples(num_examples, dataset, split, data_dir)
     if kind == "words":
         _check_seq_len(data_config.seq_len, dataset)
@@ -351,6 +365,7 @@ def _stream_loader(
         kind=kind,
         seq_len=data_config.seq_len,
         info=info,
+        starts=starts,
         num_examples=num_examples,
         seed=seed,
         global_batch_size=data_config.batch_size,
@@ -386,16 +401,18 @@ class _StreamedBatches:
     first_batch + r % num_batches, read from the split's ArrayRecord files and decoded on demand.
 
     Rows and decoding are those of the in-memory path (`_shuffled_stream`, `_decode_image_records`,
-    `_sentence_batch`), so the batches are bitwise the same. Pickled into grain's worker
+    `_sentence_batch`, `_window_batch`), so the batches are bitwise the same. A text's window is
+    cut from the one or few records it spans (`_text_windows`). Pickled into grain's worker
     processes: the open files and the cached permutations are made again there, on first use.
     """
 
     dataset: str
     data_dir: str
     split: str
-    kind: str  # 'image' or 'words'
+    kind: str  # 'image', 'words' or 'characters'
     seq_len: int
-    info: DatasetInfo | None = dataclasses.field(repr=False)  # the vocabulary (words)
+    info: DatasetInfo | None = dataclasses.field(repr=False)  # the vocabulary (text)
+    starts: np.ndarray | None = dataclasses.field(repr=False)  # characters: see `_text_layout`
     num_examples: int
     seed: int
     global_batch_size: int
@@ -412,13 +429,14 @@ class _StreamedBatches:
 
     def _open(self) -> tuple:
         if self._opened is None:  # a race only opens the same files twice
-            if self.kind == "image":  # the stored records, parsed and decoded here
+            if self.kind != "words":  # the stored records, parsed and decoded here
                 raw = tfds.decode.DeserializeMethod.RAW_BYTES
                 records = tfds_files.source(
                     self.dataset, self.data_dir, self.split, deserialize_method=raw
                 )
                 features = tfds_files.builder(self.dataset, self.data_dir).info.features
-                records = (records, features["image"].shape)
+                shape = features["image"].shape if self.kind == "image" else None
+                records = (records, shape)
             else:
                 records = (tfds_files.source(self.dataset, self.data_dir, self.split), None)
             self._opened = (*records, _shuffled_stream(self.num_examples, self.seed))
@@ -432,6 +450,8 @@ class _StreamedBatches:
         indices = example_indices(start, batch_size)
         if self.kind == "words":
             return _sentence_batch(records, self.info, self.seq_len, indices)
+        if self.kind == "characters":
+            return _text_windows(records, self.starts, self.info, self.seq_len, indices)
         read = records.__getitems__([int(i) for i in indices])
         pixels, labels = _decode_image_records(read, image_shape)
         images = pixels.astype(np.float32)
@@ -531,15 +551,74 @@ def eval_batches(
 
 
 def _kind(dataset: str, data_dir: str) -> str:
-    """'image', 'characters', 'words' or 'seq2seq' (see DATASETS)."""
+    """'image', 'characters', 'words' or 'seq2seq' (see DATASETS); any other prepared data set
+    whose examples hold a `text` feature is read as characters, as tiny_shakespeare is."""
     name = dataset.split(":")[0]  # allow a pinned version: 'mnist:3.0.1'
     if name not in DATASETS:
-        tfds_files.builder(dataset, data_dir)  # unknown or missing: a FileNotFoundError
+        features = tfds_files.builder(dataset, data_dir).info.features  # or FileNotFoundError
+        if (
+            isinstance(features, tfds.features.FeaturesDict)
+            and "text" in features
+            and isinstance(features["text"], tfds.features.Text)
+        ):
+            return "characters"
         raise ValueError(
             f"Data set {dataset!r} (in {data_dir}) has no input pipeline here. "
             f"Known: {sorted(DATASETS)}"
         )
     return DATASETS[name]
+
+
+@functools.lru_cache(maxsize=8)
+def _text_layout(dataset: str, data_dir: str, split: str) -> tuple[np.ndarray, str]:
+    """Where each record's text starts in the split's text, and the characters it uses.
+
+    Returns `(starts, characters)`: int64 [records + 1], record r holding characters
+    starts[r]:starts[r + 1] of the records' texts concatenated (starts[-1]: the length), and the
+    sorted characters of that text. One pass over the records, a chunk at a time: a streamed split
+    is never held whole.
+    """
+    lengths, seen = [], np.zeros(128, bool)  # seen: code points below 128; others in `more`
+    more: set[str] = set()
+    for text in tfds_files.iter_bytes_feature(dataset, data_dir, split, "text"):
+        raw = np.frombuffer(text, np.uint8)
+        if raw.size and raw.max() < 128:  # ASCII: a byte is a character
+            seen[raw] = True
+            lengths.append(raw.size)
+        else:
+            decoded = text.decode("utf-8")
+            more.update(decoded)
+            lengths.append(len(decoded))
+    starts = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    characters = more | {chr(c) for c in np.flatnonzero(seen)}
+    return starts, "".join(sorted(characters))
+
+
+def _text_windows(
+    records: Sequence, starts: np.ndarray, info: DatasetInfo, seq_len: int, indices: np.ndarray
+) -> Batch:
+    """Windows `indices` of a text split (as `_window_batch` cuts them from the whole text), each
+    from the records it spans, read from `records` (stored records, as bytes)."""
+    first = np.searchsorted(starts, np.asarray(indices) * seq_len, side="right") - 1
+    last = np.searchsorted(starts, np.asarray(indices) * seq_len + seq_len, side="right") - 1
+    needed = sorted({r for a, b in zip(first, last, strict=True) for r in range(a, b + 1)})
+    parse = tfds_files.example_message().FromString
+    texts = [records[r] for r in needed]  # a few records: faster than one threaded __getitems__
+    ids = {
+        r: info.encode(parse(raw).features.feature["text"].bytes_list.value[0].decode("utf-8"))
+        for r, raw in zip(needed, texts, strict=True)
+    }
+    windows = np.empty((len(first), seq_len + 1), np.int32)
+    for row, a, b, index in zip(windows, first, last, indices, strict=True):
+        span = np.concatenate([ids[r] for r in range(a, b + 1)])
+        offset = int(index) * seq_len - int(starts[a])
+        row[:] = span[offset : offset + seq_len + 1]
+    return {
+        "inputs": np.ascontiguousarray(windows[:, :-1]),
+        "targets": np.ascontiguousarray(windows[:, 1:]),
+        "weights": np.ones((len(windows), seq_len), np.float32),
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -557,7 +636,7 @@ def _load_info(dataset: str, data_dir: str, vocab_size: int) -> DatasetInfo:
         num_classes = tfds_files.builder(dataset, data_dir).info.features["label"].num_classes
         return DatasetInfo(vocab_size=0, num_classes=num_classes, is_language_model=False)
     if kind == "characters":
-        vocab = tuple(sorted(set(_split_text(dataset, data_dir, _VOCAB_SPLIT))))
+        vocab = tuple(_text_layout(dataset, data_dir, _VOCAB_SPLIT)[1])
         return DatasetInfo(
             vocab_size=len(vocab), num_classes=0, is_language_model=True, vocab=vocab
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -95,6 +95,17 @@ def bytes_feature(dataset: str, data_dir: str, split: str, feature: str) -> list
         parse(r).features.feature[feature].bytes_list.value[0]
         for r in records(dataset, data_dir, split)
     ]
+
+
+def iter_bytes_feature(dataset: str, data_dir: str, split: str, feature: str) -> Iterator[bytes]:
+    """`bytes_feature`'s values one at a time, read a chunk of records at a time: for a split too
+    large to hold."""
+    parse = example_message().FromString
+    raw_bytes = tfds.decode.DeserializeMethod.RAW_BYTES
+    raw = source(dataset, data_dir, split, deserialize_method=raw_bytes)
+    for start in range(0, len(raw), _READ_CHUNK):
+        for record in raw.__getitems__(list(range(start, min(start + _READ_CHUNK, len(raw))))):
+            yield parse(record).features.feature[feature].bytes_list.value[0]
 
 
 @functools.cache  # one message class per process

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -79,7 +80,13 @@ def write(
     seed: int = 0,
     accents: bool = False,
 ) -> None:
-    """Prepares `generated_text` in `data_dir` (a no-op if it is there already)."""
+    """Prepares `generated_text` in `data_dir` (a no-op if it is there already).
+
+    TFDS's shuffler spills a split over 1 GB to temporary files through TensorFlow's file API,
+    which the stack does not install; its in-memory limit is raised instead, so a split of N GB
+    takes about N GB of memory while it is written (the training that reads it does not).
+    """
+    shuffle.MAX_MEM_BUFFER_SIZE = max(shuffle.MAX_MEM_BUFFER_SIZE, 2 * train_chars + (1 << 30))
     builder = GeneratedText(
         train_chars=train_chars,
         record_chars=record_chars,

@@ -155,8 +155,8 @@ def test_a_text_split_streams_the_windows_the_whole_text_is_cut_into(text_dir):
     assert data.in_memory(held) and not data.in_memory(streamed)
     starts, characters = data._text_layout("generated_text", text_dir, "train")
     assert starts[0] == 0 and (np.diff(starts) >= 0).all() and (np.diff(starts) == 0).any()
-    assert "é" in characters and "ä" in characters and data.load_info(held).vocab == tuple(
-        characters
+    assert (
+        "é" in characters and "ä" in characters and data.load_info(held).vocab == tuple(characters)
     )
     num_windows = (int(starts[-1]) - 1) // 64
     assert len(data.train_examples(held)["inputs"]) == num_windows  # the same examples

@@ -9,6 +9,40 @@ import jax.numpy as jnp
 from jaxmodels import tuned
 
 
+class Conv(nn.Module):
+    """`nn.Conv(features, kernel_size, padding="SAME")`: the same parameters (`kernel`
+    `[kh, kw, in, features]`, lecun-normal; `bias` `[features]`, zeros) and function, computed by
+    XLA's convolution or, with `implementation` "cpu", as `jaxmodels.tuned.patch_conv`.
+
+    Attributes:
+      features: output channels.
+      kernel_size: `(kh, kw)`, odd.
+      dtype: computation dtype; parameters stay float32.
+      implementation: "standard", "cpu" or "auto" (see `jaxmodels.tuned`).
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    dtype: str = "float32"
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Convolves `x` `[batch, height, width, in]` into `[batch, height, width, features]`."""
+        dtype = jnp.dtype(self.dtype)
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape).astype(dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(dtype)
+        x = x.astype(dtype)
+        if tuned.use_tuned(self.implementation):
+            return tuned.patch_conv(x, kernel, bias)
+        dimensions = ("NHWC", "HWIO", "NHWC")
+        return (
+            jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dimensions)
+            + bias
+        )
+
+
 class CNN(nn.Module):
     """Conv + relu + 2x2 max pool stages, then a dense hidden layer and a linear classifier.
 
@@ -22,9 +56,9 @@ class CNN(nn.Module):
       num_classes: number of output logits.
       dropout_rate: dropout before the last layer (only when `train=True`).
       dtype: computation dtype, 'float32' or 'bfloat16'; parameters stay float32.
-      implementation: "standard" (`nn.Conv`, `nn.max_pool`), "cpu" (`jaxmodels.tuned`'s patch
-        convolution and reshape pooling: the same parameters and function) or "auto" (cpu on a
-        CPU backend).
+      implementation: "standard" (XLA's convolution, `nn.max_pool`), "cpu" (`jaxmodels.tuned`'s
+        patch convolution and reshape pooling: the same parameters and function) or "auto" (cpu on
+        a CPU backend).
     """
 
     conv_features: Sequence[int] = (32, 64)
@@ -48,11 +82,10 @@ class CNN(nn.Module):
         dtype = jnp.dtype(self.dtype)
         fast = tuned.use_tuned(self.implementation)
         for i, features in enumerate(self.conv_features):
+            x = Conv(features, (3, 3), self.dtype, self.implementation, name=f"conv_{i}")(x)
             if fast:
-                x = tuned.PatchConv(features, (3, 3), dtype=self.dtype, name=f"conv_{i}")(x)
                 x = tuned.max_pool_2x2(nn.relu(x))
             else:
-                x = nn.Conv(features, (3, 3), padding="SAME", dtype=dtype, name=f"conv_{i}")(x)
                 x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))  # [batch, h / 2, w / 2, f]
         x = x.reshape(x.shape[0], -1)  # [batch, h * w * features]
         x = nn.Dense(self.dense_features, dtype=dtype, name="dense")(x)

@@ -119,9 +119,9 @@ class DecoderBlock(nn.Module):
             return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
         y = nn.LayerNorm(dtype=dtype, name="self_attn_norm")(x)
-        y = SelfAttention(self.num_heads, self.width, self.dtype, name="self_attn")(
-            y, None, decode=decode
-        )
+        y = SelfAttention(
+            self.num_heads, self.width, self.dtype, implementation="standard", name="self_attn"
+        )(y, None, decode=decode)
         x = residual(x, y)
         y = nn.LayerNorm(dtype=dtype, name="cross_attn_norm")(x)
         y = CrossAttention(self.num_heads, self.width, self.dtype, name="cross_attn")(

@@ -2,8 +2,8 @@
 
 Mixed precision: parameters are always float32; `dtype` is the computation dtype of the matmuls,
 LayerNorms and activations (the attention softmax runs in float32), and the logits are cast back
-to float32. `implementation` picks the plain layers below or their XLA:CPU forms in
-`jaxmodels.tuned` (the same parameters, the same function).
+to float32. `implementation` picks the attention kernel: `jax.nn.dot_product_attention` or its
+XLA:CPU form in `jaxmodels.tuned` (the same parameters, the same function).
 
 Decoding (`decode=True`) keeps the keys and values of earlier positions in Flax's `"cache"`
 collection, so that each new token costs one position instead of a re-run of the whole sequence:
@@ -42,19 +42,32 @@ def cache_position(module: nn.Module, length: int) -> jax.Array | int:
     return start
 
 
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The standard attention kernel: `[batch, seq_len, heads, head_dim]` q, k, v; mask None
+    (causal) or bool, True where a query may attend to a key."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention: one q/k/v projection, `jax.nn.dot_product_attention`, one output
-    projection; with `decode=True`, over the keys and values cached from earlier calls too.
+    """Multi-head self-attention: one q/k/v projection, an attention kernel, one output projection;
+    with `decode=True`, over the keys and values cached from earlier calls too.
+
+    The layer owns the parameters and the projections (where position encodings of q and k such
+    as rotary embeddings would go); `implementation` only picks the kernel that attends the
+    projected heads: `jax.nn.dot_product_attention` ("standard") or `jaxmodels.tuned.attention`
+    ("cpu"), the same function.
 
     Attributes:
       num_heads: number of heads; must divide `width`.
       width: model width (input and output size).
       dtype: computation dtype; parameters stay float32.
+      implementation: "standard", "cpu" or "auto" (see `jaxmodels.tuned`).
     """
 
     num_heads: int
     width: int
     dtype: str = "float32"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, *, decode: bool = False) -> jax.Array:
@@ -84,8 +97,8 @@ class SelfAttention(nn.Module):
                 raise ValueError("decode=True is causal attention; it takes no mask")
             k, v, mask = self._with_cache(k, v)
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
-        out = out.reshape(batch, seq_len, self.width)  # heads concatenated
+        attention = tuned.attention if tuned.use_tuned(self.implementation) else _attention
+        out = attention(q, k, v, mask).reshape(batch, seq_len, self.width)  # heads concatenated
         return nn.Dense(self.width, dtype=dtype, name="out")(out)  # [batch, seq_len, width]
 
     def _with_cache(self, k: jax.Array, v: jax.Array):
@@ -148,17 +161,10 @@ class TransformerBlock(nn.Module):
         # Casting the residual stream keeps its dtype fixed, which a scan over blocks requires.
         x = x.astype(dtype)
         y = nn.LayerNorm(dtype=dtype, name="attn_norm")(x)
-        if decode:  # the tuned form keeps no cache; both declare the same parameters
-            y = SelfAttention(self.num_heads, self.width, self.dtype, name="attn")(
-                y, mask, decode=True
-            )
-        else:
-            attention = (
-                tuned.HeadsMajorSelfAttention
-                if tuned.use_tuned(self.implementation)
-                else SelfAttention
-            )
-            y = attention(self.num_heads, self.width, self.dtype, name="attn")(y, mask)
+        attention = SelfAttention(
+            self.num_heads, self.width, self.dtype, self.implementation, name="attn"
+        )
+        y = attention(y, mask, decode=decode)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
         y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, seq_len, mlp_dim]
@@ -199,9 +205,8 @@ class Transformer(nn.Module):
       scan_layers: run the blocks as one `nn.scan` with stacked parameters (see above).
       remat: recompute each block's activations in the backward pass instead of storing them
         (`nn.remat`), trading about one extra forward pass for activation memory.
-      implementation: "standard" (the plain layers above), "cpu" (`jaxmodels.tuned`'s attention,
-        and unrolled blocks traced once) or "auto" (cpu on a CPU backend). The same parameters;
-        with dropout on, the two draw different masks.
+      implementation: "standard" (`jax.nn.dot_product_attention`), "cpu" (`jaxmodels.tuned`'s
+        attention kernel) or "auto" (cpu on a CPU backend): the same parameters and function.
     """
 
     vocab_size: int
@@ -229,8 +234,7 @@ class Transformer(nn.Module):
           tokens: int token ids, `[batch, seq_len]` with `seq_len <= max_len`.
           train: enables dropout (rng stream `"dropout"`).
           decode: decoder only: `tokens` are the positions after those in the `"cache"`
-            collection, which this call extends (see the module docstring). Always the plain
-            layers, whatever `implementation`.
+            collection, which this call extends (see the module docstring).
 
         Returns:
           float32 logits: `[batch, seq_len, vocab_size]` for the decoder,
@@ -294,7 +298,7 @@ class Transformer(nn.Module):
             # already prevents, so inside the scan it is off (as the JAX docs advise).
             apply_block = nn.remat(apply_block, prevent_cse=not self.scan_layers)
 
-        def make_block(name: str | None, **parent) -> TransformerBlock:
+        def make_block(name: str) -> TransformerBlock:
             return TransformerBlock(
                 self.num_heads,
                 self.width,
@@ -303,7 +307,6 @@ class Transformer(nn.Module):
                 self.dtype,
                 self.implementation,
                 name=name,
-                **parent,
             )
 
         if self.scan_layers:
@@ -318,9 +321,6 @@ class Transformer(nn.Module):
             )
             x, _ = scan_blocks(make_block("blocks"), x, mask)
             return x
-        if tuned.use_tuned(self.implementation) and not self.is_initializing() and not decode:
-            block = make_block(None, parent=None)  # unbound: only its fields are used
-            return tuned.apply_unrolled_blocks(self, block, x, mask, train=train, remat=self.remat)
         for i in range(self.num_layers):
             x, _ = apply_block(make_block(f"block_{i}"), x, mask)
         return x

@@ -2,25 +2,23 @@
 
 Every model in this package is written in plain Flax first (`nn.Conv`, `nn.Dense`,
 `jax.nn.dot_product_attention`, a scan over an LSTM cell). This module holds the forms that run
-faster on XLA:CPU but need a special layout or a hand-written gradient. Each declares exactly the
-parameters of its plain counterpart, so checkpoints move freely between the two, and each is tested
-equal to it in values and gradients within float32 round-off (tests/test_tuned.py):
+faster on XLA:CPU but need a special layout or a hand-written gradient. They are functions only, of
+the inputs and of parameters that the layers declare themselves (`jaxmodels.cnn.Conv`,
+`jaxmodels.lstm.LSTMLayer`, `jaxmodels.transformer.SelfAttention`), so both forms of a layer have
+one set of parameters; each is tested equal to its plain counterpart in values and gradients
+within float32 round-off (tests/test_tuned.py):
 
     plain                                   here
-    nn.Conv + nn.max_pool                   PatchConv (one matmul over image patches) + max_pool_2x2
+    lax conv + nn.max_pool                  patch_conv (one matmul over patches) + max_pool_2x2
     LSTM: lax.scan of the cell              lstm_sequence (fused recurrence, hand-written backward)
-    SelfAttention + dot_product_attention   HeadsMajorSelfAttention + causal_attention (query
-                                            chunks that skip masked keys, hand-written backward)
-    unrolled TransformerBlocks              apply_unrolled_blocks (one jitted block for all layers)
+    jax.nn.dot_product_attention            attention: causal_attention (query chunks that skip
+                                            masked keys) or attend, hand-written backward passes
 
 `implementation` is "standard" (the plain layers everywhere), "cpu" (these forms everywhere) or
 "auto" (these forms when JAX's default backend is the CPU, the plain ones on GPU and TPU). How much
 each form buys, measured on the machines we had: benchmarks/RESULTS.md.
 """
 
-from functools import partial
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,45 +59,32 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.max(axis=(2, 4))  # [batch, height / 2, width / 2, channels]
 
 
-class PatchConv(nn.Module):
-    """`nn.Conv(features, kernel_size, padding="SAME")` computed as one matmul over image patches.
+def patch_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A stride-1 "SAME" convolution plus bias, computed as one matmul over image patches.
 
-    Declares the same parameters (`kernel` `[kh, kw, in, out]`, lecun-normal; `bias` `[out]`,
-    zeros). The kh * kw shifted copies of the padded input are stacked along the channel axis,
+    The kh * kw shifted copies of the padded input are stacked along the channel axis,
     `[batch, h, w, kh * kw * in]`, and multiplied by the kernel reshaped to `[kh * kw * in, out]`:
     one large matmul forward and two backward, which XLA:CPU runs faster than its convolution
     kernels. The patches take kh * kw times the input's memory, small for MNIST-sized maps.
 
-    Attributes:
-      features: output channels.
-      kernel_size: odd `(kh, kw)`.
-      dtype: computation dtype; parameters stay float32.
+    Args:
+      x: `[batch, height, width, in]` in the computation dtype.
+      kernel: `[kh, kw, in, out]` with odd kh and kw (`nn.Conv`'s layout), in the computation dtype.
+      bias: `[out]`, in the computation dtype.
+
+    Returns:
+      `[batch, height, width, out]`.
     """
-
-    features: int
-    kernel_size: tuple[int, int] = (3, 3)
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Convolves `x` `[batch, height, width, in]` into `[batch, height, width, features]`."""
-        kh, kw = self.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"PatchConv needs an odd kernel_size for SAME padding, got {(kh, kw)}")
-        batch, height, width, in_features = x.shape
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (kh, kw, in_features, self.features)
-        )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        dtype = jnp.dtype(self.dtype)
-        padded = jnp.pad(x.astype(dtype), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-        # Channel order (i, j, c) matches the kernel's [kh, kw, in] order once reshaped.
-        patches = jnp.concatenate(
-            [padded[:, i : i + height, j : j + width] for i in range(kh) for j in range(kw)],
-            axis=-1,
-        )  # [batch, height, width, kh * kw * in]
-        y = patches @ kernel.reshape(kh * kw * in_features, self.features).astype(dtype)
-        return y + bias.astype(dtype)  # [batch, height, width, features]
+    kh, kw, in_features, features = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"patch_conv needs an odd kernel_size for SAME padding, got {(kh, kw)}")
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    # Channel order (i, j, c) matches the kernel's [kh, kw, in] order once reshaped.
+    patches = jnp.concatenate(
+        [padded[:, i : i + height, j : j + width] for i in range(kh) for j in range(kw)], axis=-1
+    )  # [batch, height, width, kh * kw * in]
+    return patches @ kernel.reshape(kh * kw * in_features, features) + bias
 
 
 # --- LSTM -----------------------------------------------------------------------------------------
@@ -333,104 +318,29 @@ def causal_attention(
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
-class DenseParams(nn.Module):
-    """Declares the parameters of an `nn.Dense(features)` on `inputs` inputs and returns them."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)` for XLA:CPU.
 
-    inputs: int
-    features: int
+    The kernel `jaxmodels.transformer.SelfAttention` calls with `implementation="cpu"`: the same
+    inputs and function, computed heads-major with `causal_attention` (query chunks that skip
+    masked keys) or `attend` (a bias from the mask), both with a hand-written backward pass.
 
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        """`(kernel [inputs, features], bias [features])`, float32."""
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.inputs, self.features))
-        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    Args:
+      q, k, v: `[batch, seq_len, heads, head_dim]` (`k`, `v`: `[batch, k_len, heads, head_dim]`).
+      mask: None (causal), else bool, True where a query may attend to a key, broadcastable to
+        `[batch, heads, seq_len, k_len]`.
 
-
-def _to_heads(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`[batch, seq_len, width] x [width, heads, head_dim] -> [batch, heads, seq_len, head_dim]`."""
-    return jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ()))).transpose(0, 2, 1, 3)
-
-
-class HeadsMajorSelfAttention(nn.Module):
-    """`jaxmodels.transformer.SelfAttention`, computed heads-major.
-
-    The same parameters (`qkv`: a Dense of 3 * width whose columns are q, k, v, each heads x
-    head_dim; `out`: a Dense of width). The projections produce q, k and v directly as
-    `[batch, heads, seq_len, head_dim]` and read the attention output in that layout, instead of
-    a `[batch, seq_len, 3 * width]` projection sliced into q, k and v and transposed around the
-    attention matmuls; on XLA:CPU every slice and transpose was a copy.
-
-    Attributes:
-      num_heads: number of heads; must divide `width`.
-      width: model width (input and output size).
-      dtype: computation dtype; parameters stay float32.
+    Returns:
+      `[batch, seq_len, heads, head_dim]` in the dtype of `v`.
     """
 
-    num_heads: int
-    width: int
-    dtype: str = "float32"
+    def heads_major(x: jax.Array) -> jax.Array:  # [batch, heads, seq_len, head_dim]
+        return jnp.swapaxes(x, 1, 2)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """`x` `[batch, seq_len, width]`; `mask` None (causal) or bool, broadcastable to
-        `[batch, num_heads, seq_len, seq_len]`, True where a query may attend to a key."""
-        if self.width % self.num_heads:
-            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
-        heads, head_dim = self.num_heads, self.width // self.num_heads
-        dtype = jnp.dtype(self.dtype)
-        x = x.astype(dtype)
-        qkv_kernel, qkv_bias = (
-            p.astype(dtype) for p in DenseParams(x.shape[-1], 3 * self.width, name="qkv")()
-        )
-        q_kernel, k_kernel, v_kernel = qkv_kernel.reshape(
-            x.shape[-1], 3, heads, head_dim
-        ).transpose(1, 0, 2, 3)  # each [width, heads, head_dim]
-        q_bias, k_bias, v_bias = qkv_bias.reshape(3, heads, 1, head_dim)
-        # Scaling q's kernel and bias is cheaper than scaling q or the [seq_len, seq_len] scores.
-        scale = head_dim**-0.5
-        q = _to_heads(x, q_kernel * scale) + q_bias * scale
-        k = _to_heads(x, k_kernel) + k_bias  # each [batch, heads, seq_len, head_dim]
-        v = _to_heads(x, v_kernel) + v_bias
-        if mask is None:
-            out = causal_attention(q, k, v)
-        else:
-            out = attend(q, k, v, jnp.where(mask, 0.0, _MASKED).astype(jnp.float32))
-        out_kernel, out_bias = (
-            p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
-        )
-        out_kernel = out_kernel.reshape(heads, head_dim, self.width)
-        # [batch, heads, seq_len, head_dim] x [heads, head_dim, width] -> [batch, seq_len, width]
-        return jax.lax.dot_general(out, out_kernel, (((1, 3), (0, 1)), ((), ()))) + out_bias
-
-
-# --- Unrolled Transformer blocks ------------------------------------------------------------------
-
-
-def apply_unrolled_blocks(
-    parent: nn.Module, block: nn.Module, x: jax.Array, mask, *, train: bool, remat: bool
-) -> jax.Array:
-    """The blocks `block_0`, `block_1`, ... of `parent` applied through one jitted block function.
-
-    The blocks have the same shapes, so the jitted function traces once (and its derivative
-    once) and every layer reuses that trace: tracing time no longer grows with depth, while XLA
-    still compiles every layer. `parent` must already hold the blocks' parameters (not while
-    initialising); `block` is an unbound block whose fields are used.
-    """
-    for i in range(parent.num_layers):
-        params = parent.variables["params"][f"block_{i}"]
-        rng = parent.make_rng("dropout") if train and block.dropout_rate > 0 else None
-        x = _apply_block(block, train, remat, params, x, mask, rng)
-    return x
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _apply_block(block, train: bool, remat: bool, params, x, mask, rng):
-    """`block` applied with `params`; cached by the block's fields and the shapes."""
-
-    def apply(params, x, mask, rng):
-        rngs = {} if rng is None else {"dropout": rng}
-        return block.apply({"params": params}, x, mask, train=train, rngs=rngs)
-
-    if remat:  # keep only the block's input for the backward pass
-        apply = jax.checkpoint(apply)
-    return apply(params, x, mask, rng)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    q, k, v = heads_major(q), heads_major(k), heads_major(v)
+    if mask is None:
+        out = causal_attention(q, k, v)
+    else:
+        out = attend(q, k, v, jnp.where(mask, 0.0, _MASKED).astype(jnp.float32))
+    return heads_major(out)

@@ -12,10 +12,9 @@ import pytest
 from test_models import SMALL_FIELDS, H, example_input, key, random_normal
 
 from jaxmodels import SelfAttention, build_model, tuned
+from jaxmodels.cnn import Conv
 from jaxmodels.lstm import lstm_step
 from jaxmodels.tuned import (
-    HeadsMajorSelfAttention,
-    PatchConv,
     _activate_gates,
     attend,
     causal_attention,
@@ -138,18 +137,18 @@ class TextbookAttention(nn.Module):
         return nn.Dense(self.width, name="out")(out)
 
 
-@pytest.mark.parametrize("attention", [SelfAttention, HeadsMajorSelfAttention])
+@pytest.mark.parametrize("implementation", ["standard", "cpu"])
 @pytest.mark.parametrize("num_heads", [3, 4])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
-def test_self_attention_matches_textbook_dense_layers(causal, num_heads, attention):
-    # Both attention layers (the plain one, and the heads-major one with its hand-written backward
-    # pass) must declare and initialise the parameters of two nn.Dense layers and compute the
-    # textbook function.
+def test_self_attention_matches_textbook_dense_layers(causal, num_heads, implementation):
+    # The one attention layer, with either kernel (the plain one, and the heads-major one with its
+    # hand-written backward pass), must declare and initialise the parameters of two nn.Dense
+    # layers and compute the textbook function.
     x = random_normal(1, (2, 7, 12))  # [batch, seq_len, width]
     mask = None if causal else random_normal(2, (2, 1, 7, 7)) > -0.5  # [batch, 1, q, k]
     if mask is not None:
         mask = mask | np.eye(7, dtype=bool)  # every query sees at least itself
-    ours = attention(num_heads=num_heads, width=12)
+    ours = SelfAttention(num_heads=num_heads, width=12, implementation=implementation)
     textbook = TextbookAttention(num_heads=num_heads, width=12)
     params = ours.init(key(0), x, mask)["params"]
     jax.tree.map(np.testing.assert_array_equal, params, textbook.init(key(0), x, mask)["params"])
@@ -176,26 +175,6 @@ def test_self_attention_matches_textbook_dense_layers(causal, num_heads, attenti
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
 
     jax.tree.map(close, grads(ours), grads(textbook))
-
-
-@pytest.mark.parametrize("remat", [False, True])
-def test_unrolled_transformer_traces_one_block_for_every_layer(remat):
-    # Unrolled layers run one jitted block function: the model's jaxpr calls it once per layer and
-    # every call shares a single traced block; its gradient's jaxpr shares one forward and one
-    # backward block between the layers.
-    tokens = jnp.ones((2, 7), jnp.int32)
-    fields = dict(SMALL_FIELDS["transformer"], num_layers=3, remat=remat, implementation="cpu")
-    model = build_model("transformer", **fields)
-    params = model.init(key(0), tokens, train=False)["params"]
-
-    def loss(params):
-        return model.apply({"params": params}, tokens, train=True).sum()
-
-    for function, num_traces in ((loss, 1), (jax.grad(loss), 2)):
-        jaxpr = jax.make_jaxpr(function)(params).jaxpr
-        calls = [e for e in jaxpr.eqns if e.params.get("name") == "_apply_block"]
-        assert len(calls) == 3 * num_traces
-        assert len({id(e.params["jaxpr"]) for e in calls}) == num_traces
 
 
 def test_lstm_gates_are_three_sigmoids_and_a_tanh():
@@ -246,9 +225,11 @@ def test_lstm_sequence_gradients_match_autodiff(dtype, tolerance):
 
 
 @pytest.mark.parametrize("kernel_size, in_features", [((3, 3), 1), ((3, 3), 5), ((5, 3), 2)])
-def test_patch_conv_matches_nn_conv(kernel_size, in_features):
+@pytest.mark.parametrize("implementation", ["standard", "cpu"])
+def test_patch_conv_matches_nn_conv(kernel_size, in_features, implementation):
+    # The CNN's one convolution layer, with XLA's convolution or tuned.patch_conv.
     x = random_normal(1, (2, 6, 7, in_features))
-    patch_conv = PatchConv(4, kernel_size)
+    patch_conv = Conv(4, kernel_size, implementation=implementation)
     params = patch_conv.init(key(0), x)["params"]
     conv = nn.Conv(4, kernel_size, padding="SAME")
     # The same parameter tree, so checkpoints and parameter counts are those of nn.Conv.
@@ -266,7 +247,7 @@ def test_patch_conv_matches_nn_conv(kernel_size, in_features):
         partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-4), grads(patch_conv), grads(conv)
     )
     with pytest.raises(ValueError, match="odd kernel_size"):
-        PatchConv(4, (2, 3)).init(key(0), x)
+        tuned.patch_conv(x, jnp.zeros((2, 3, in_features, 4)), jnp.zeros(4))
 
 
 def test_max_pool_matches_nn_max_pool():

@@ -10,9 +10,7 @@ import functools
 import json
 import os
 import pathlib
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,7 +26,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import checkpoint, data, metrics, optim, parallel, process, sample, steps, translation
+from train import (
+    checkpoint,
+    data,
+    metrics,
+    optim,
+    parallel,
+    process,
+    sample,
+    signals,
+    steps,
+    translation,
+)
 from train.parallel import Compiled
 from train.state import TrainState, as_tuple, create_train_state, example_inputs
 
@@ -132,7 +141,7 @@ def train_and_evaluate(
         # Step: log, evaluate and save on schedule until the last step or a stop signal.
         compiled = compile_steps(config, mesh, shardings, on_device, per_call)
         writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
-        with stop_signals() as received:
+        with signals.stop_signals() as received:
             state, scalars, last_step = run_steps(
                 config,
                 compiled,
@@ -761,32 +770,6 @@ def write_translations(
         (workdir / "samples.txt").write_text("".join(line + "\n" for line in lines))
         logging.info("Translations:\n%s", "\n".join(lines))
     return lines
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[list[str]]:
-    """Turns SIGTERM and SIGINT into a request to stop after the current step.
-
-    Yields a list that receives the name of the first signal. A second SIGINT (Ctrl-C twice) stops
-    at once. Outside the main thread, where Python cannot take signals, nothing is installed.
-    """
-    received: list[str] = []
-
-    def request_stop(signum, frame):
-        del frame
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def stop_requested(received: list[str]) -> bool:

@@ -50,7 +50,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from train import cli
+from train import cli, signals
 from train.config import load_config
 
 KINDS = ("loguniform", "uniform", "int", "choice")
@@ -543,13 +543,7 @@ def run_worker(sweep: Sweep, study: optuna.Study, args: argparse.Namespace) -> s
     """Runs trials of the study, one at a time, until all N have begun and ended (another
     worker's too: one two heartbeats late is put back, and run here); returns the name of the
     signal that stopped the worker, or None."""
-    received: list[str] = []
     wake = threading.Event()
-
-    def on_signal(signum, frame):
-        del frame
-        received.append(signal.Signals(signum).name)  # the trials' loops pass it on
-        wake.set()
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL and trial.user_attrs.get("stopped"):
@@ -557,8 +551,8 @@ def run_worker(sweep: Sweep, study: optuna.Study, args: argparse.Namespace) -> s
         if received or to_run(sweep, study) <= 0:
             study.stop()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    # A signal stops taking trials; the running trial's loop, which got it too, stops and saves.
+    with signals.stop_signals(wake.set, second_interrupt_stops_now=False) as received:
         while not received:
             if count := to_run(sweep, study):
                 study.optimize(
@@ -572,9 +566,6 @@ def run_worker(sweep: Sweep, study: optuna.Study, args: argparse.Namespace) -> s
                 optuna.storages.fail_stale_trials(study)
             else:
                 break
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     return received[0] if received else None
 
 

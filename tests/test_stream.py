@@ -150,7 +150,10 @@ def test_a_resumed_stream_goes_on_with_the_uninterrupted_batches(data_dir, datas
     assert_batches_bitwise_equal(take(held, 4), uninterrupted[5:])
 
 
-def test_a_text_split_streams_the_windows_the_whole_text_is_cut_into(text_dir):
+@pytest.mark.parametrize("order", ["array", "index_shuffle"])
+def test_a_text_split_streams_the_windows_the_whole_text_is_cut_into(text_dir, order, monkeypatch):
+    if order == "index_shuffle":  # the order of a text set of gigabytes, here over a small one
+        monkeypatch.setattr(data, "PERMUTATION_MAX_EXAMPLES", 100)
     held, streamed = text_config(text_dir, True), text_config(text_dir, False)
     assert data.in_memory(held) and not data.in_memory(streamed)
     starts, characters = data._text_layout("generated_text", text_dir, "train")
@@ -159,6 +162,7 @@ def test_a_text_split_streams_the_windows_the_whole_text_is_cut_into(text_dir):
         "é" in characters and "ä" in characters and data.load_info(held).vocab == tuple(characters)
     )
     num_windows = (int(starts[-1]) - 1) // 64
+    assert num_windows > data.PERMUTATION_MAX_EXAMPLES or order == "array"
     assert len(data.train_examples(held)["inputs"]) == num_windows  # the same examples
     # 2 epochs and a bit, so batches straddle epoch boundaries.
     num_batches = 2 * num_windows // 48 + 2
@@ -210,9 +214,31 @@ def test_auto_holds_the_small_slices_and_streams_above_the_threshold(data_dir, m
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 200 * 2895722 // 9192 - 1)
     assert not data.in_memory(data_config(data_dir, "mnist", "auto"))
     assert data.in_memory(data_config(data_dir, "mnist", "auto", train_split="train[:199]"))
-    # tiny_shakespeare (1 MB) streams above the threshold, as any text data set.
+    # tiny_shakespeare (1 MB) streams above the text threshold, as any text data set.
     monkeypatch.setattr(data, "IN_MEMORY_MAX_BYTES", 0)
+    assert data.in_memory(text)  # text has its own threshold, lower: its in-memory form is large
+    monkeypatch.setattr(data, "IN_MEMORY_MAX_TEXT_BYTES", 0)
     assert not data.in_memory(text)
+
+
+def test_an_order_too_long_for_an_array_is_permuted_index_by_index(monkeypatch):
+    def epochs(num_examples, seed, chunks):  # 3 epochs read in chunks of the given sizes
+        stream, start, read = data._shuffled_stream(num_examples, seed), 0, []
+        for count in chunks:
+            read.append(stream(start, count))
+            start += count
+        return np.concatenate(read).reshape(3, num_examples)
+
+    arrays = epochs(11, 5, [33])
+    monkeypatch.setattr(data, "PERMUTATION_MAX_EXAMPLES", 10)
+    lazy = epochs(11, 5, [33])
+    for order in (arrays, lazy):  # each epoch a permutation of the examples, a new one each time
+        assert (np.sort(order, axis=1) == np.arange(11)).all()
+        assert len({tuple(epoch) for epoch in order}) == 3
+    assert not (lazy == arrays).all()  # another permutation above the size: index_shuffle's
+    # The same order however it is read (batches straddling epochs), and from the seed alone.
+    np.testing.assert_array_equal(epochs(11, 5, [4, 9, 13, 7]), lazy)
+    assert not (epochs(11, 6, [33]) == lazy).all()
 
 
 def test_settings_that_cannot_stream_are_one_line_errors(data_dir):

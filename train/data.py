@@ -60,6 +60,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from grain.experimental import index_shuffle
 
 from train import tfds_files, translation
 
@@ -84,6 +85,12 @@ EMBEDDED_DATA_DIR = str(pathlib.Path(__file__).resolve().parent / "embedded_data
 # `data.in_memory="auto"` streams a training split larger than this on disk (TFDS's count of the
 # split's bytes). Decoded, a split takes more: MNIST's float32 images are 9x its 21 MB of PNGs.
 IN_MEMORY_MAX_BYTES = 1 << 30
+# The same for a text data set (characters): its in-memory path holds the text as a string and as
+# int32 ids and every window start, so a 300 MB text peaked at 9.7 GB (streamed: 0.8 GB).
+IN_MEMORY_MAX_TEXT_BYTES = 64 << 20
+# The training order's permutation of an epoch is an array up to this many examples (128 MB of
+# int64); a larger split (the windows of a text set of gigabytes) is permuted index by index.
+PERMUTATION_MAX_EXAMPLES = 1 << 24
 # The kinds of data set whose training split can be streamed (the translation pairs are small).
 _STREAMABLE = ("image", "words", "characters")
 
@@ -187,7 +194,7 @@ def in_memory(data_config: ml_collections.ConfigDict) -> bool:
 
     `data.in_memory`: True, False, or "auto": in memory unless the data set can be streamed (all
     but the translation pairs: see `_STREAMABLE`) and its training split is larger than
-    `IN_MEMORY_MAX_BYTES` on disk.
+    `IN_MEMORY_MAX_BYTES` on disk (`IN_MEMORY_MAX_TEXT_BYTES` for a text data set).
     """
     setting, dataset = data_config.in_memory, data_config.dataset
     if not (isinstance(setting, bool) or setting == "auto"):
@@ -202,9 +209,11 @@ def in_memory(data_config: ml_collections.ConfigDict) -> bool:
         )
     if setting != "auto":
         return setting
-    return not streamable or split_bytes(dataset, data_dir, data_config.train_split) <= (
-        IN_MEMORY_MAX_BYTES
-    )
+    if not streamable:
+        return True
+    kind = _kind(dataset, data_dir)
+    limit = IN_MEMORY_MAX_TEXT_BYTES if kind == "characters" else IN_MEMORY_MAX_BYTES
+    return split_bytes(dataset, data_dir, data_config.train_split) <= limit
 
 
 def split_bytes(dataset: str, data_dir: str, split: str) -> int:
@@ -668,14 +677,20 @@ def _shuffled_stream(num_examples: int, seed: int) -> Callable[[int, int], np.nd
     Position p of the stream is example `permutation(p // num_examples)[p % num_examples]`: each
     epoch is a fresh permutation seeded with (seed, epoch), so a position's example depends on
     nothing but the seed and the position. A range of positions is a slice of one permutation,
-    or of a few consecutive ones where it crosses epoch boundaries.
+    or of a few consecutive ones where it crosses epoch boundaries. Up to
+    `PERMUTATION_MAX_EXAMPLES` examples an epoch's permutation is a numpy array; above it (the
+    windows of a text set of gigabytes), grain's `index_shuffle` computes each position's example
+    on demand, so memory does not grow with the data set.
     """
 
     # Two epochs: the one being read and the next, which a batch (or a read-ahead thread) may reach
     # first. A permutation is made once per epoch, a small cost beside the epoch's batches.
     @functools.lru_cache(maxsize=2)
-    def permutation(epoch: int) -> np.ndarray:
-        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    def permutation(epoch: int) -> np.ndarray | int:
+        rng = np.random.default_rng([seed, epoch])
+        if num_examples > PERMUTATION_MAX_EXAMPLES:
+            return int(rng.integers(2**31))  # index_shuffle's seed for this epoch
+        order = rng.permutation(num_examples)
         order.flags.writeable = False  # shared by the batches of an epoch
         return order
 
@@ -686,7 +701,13 @@ def _shuffled_stream(num_examples: int, seed: int) -> Callable[[int, int], np.nd
             epoch_start = epoch * num_examples
             lo, hi = max(start, epoch_start), min(stop, epoch_start + num_examples)
             order = permutation(epoch)
-            indices[lo - start : hi - start] = order[lo - epoch_start : hi - epoch_start]
+            if isinstance(order, int):
+                indices[lo - start : hi - start] = [
+                    index_shuffle(i, max_index=num_examples - 1, seed=order, rounds=4)
+                    for i in range(lo - epoch_start, hi - epoch_start)
+                ]
+            else:
+                indices[lo - start : hi - start] = order[lo - epoch_start : hi - epoch_start]
         return indices
 
     return example_indices

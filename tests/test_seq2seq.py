@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxmodels import Seq2Seq, build_model
-from train import loop, metrics, sample, steps, translation
+from train import loop, metrics, sample, steps, tasks, translation
 from train.config import load_config
 from train.metrics import read_metrics
 from train.sample import translate
@@ -154,7 +154,14 @@ def test_eval_step_scores_greedy_decoding_by_hand():
         "targets": np.array([[5, 3, 2, 0], [4, 5, 2, 0], [6, 7, 2, 0], [0] * 4], np.int32),
         "weights": np.array([[1, 1, 1, 0]] * 3 + [[0] * 4], np.float32),
     }
-    state = TrainState(step=0, apply_fn=copy_source_model, params={}, tx=None, opt_state=None)
+    state = TrainState(
+        step=0,
+        apply_fn=copy_source_model,
+        params={},
+        tx=None,
+        opt_state=None,
+        task=tasks.TASKS["seq2seq"],
+    )
     sums = jax.device_get(steps.eval_step(state, batch))
     # Teacher forcing: 3 + 2 + 2 right (row 3 predicts EOS at its last target position, since
     # its source has ended); greedy decoding: 3 + 2 + 1 (row 3 ended with EOS at position 1, so

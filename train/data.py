@@ -189,6 +189,12 @@ def load_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     return _load_info(data_config.dataset, resolve_data_dir(data_config), data_config.vocab_size)
 
 
+def kind(data_config: ml_collections.ConfigDict) -> str:
+    """How `data.dataset` is read: 'image', 'characters', 'words' or 'seq2seq' (see DATASETS;
+    `train.tasks` maps each to a task). Reads no files for the data sets of DATASETS."""
+    return _kind(data_config.dataset, resolve_data_dir(data_config))
+
+
 def in_memory(data_config: ml_collections.ConfigDict) -> bool:
     """Whether the training split is decoded whole into memory (True) or streamed (False).
 

@@ -25,13 +25,9 @@ from typing import Any
 import jax
 import jax.export  # older JAX (0.7) does not import it with jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from train import cli, data, trained
+from train import cli, data, tasks, trained
 from train.state import example_inputs
-
-# data.py scales MNIST's uint8 pixels to [0, 1] by this factor; a served image must be too.
-PIXEL_SCALE = 1 / 255
 
 
 def export_model(
@@ -67,14 +63,15 @@ def export_model(
 
 
 def check_exportable(run: trained.Trained) -> None:
-    """A one-line ValueError unless `run` is a classifier or a language model of one input."""
+    """A one-line ValueError unless `run`'s task exports (a classifier or a language model) and its
+    model takes one input and gives the logits the task needs."""
+    task = tasks.for_config(run.config)
     example = jax.eval_shape(lambda: example_inputs(run.config))
-    rank = {"language_model": 3}.get(kind_of(run.info), 2)  # of the logits
     logits = None
-    if isinstance(example, jax.ShapeDtypeStruct):
+    if task.export_kind(run.info) and isinstance(example, jax.ShapeDtypeStruct):
         apply = lambda x: run.model.apply({"params": run.params}, x, train=False)  # noqa: E731
         logits = jax.eval_shape(apply, example)
-    if getattr(logits, "ndim", None) != rank:
+    if getattr(logits, "ndim", None) != task.logits_rank:
         raise ValueError(
             f"python -m train.export exports classifiers and language models; model "
             f"{run.config.model.name!r} on {run.config.data.dataset!r} is neither."
@@ -87,19 +84,17 @@ def input_spec(config) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(example.shape), np.dtype(example.dtype)
 
 
-def kind_of(info: data.DatasetInfo) -> str:
-    """'image_classifier', 'text_classifier' or 'language_model', from the model's data set."""
-    if info.is_language_model:
-        return "language_model"
-    return "text_classifier" if info.vocab else "image_classifier"
+def kind_of(run: trained.Trained) -> str | None:
+    """'image_classifier', 'text_classifier' or 'language_model' (`train.serve` reads it), as the
+    run's task exports it; None: it does not."""
+    return tasks.for_config(run.config).export_kind(run.info)
 
 
 def metadata(run: trained.Trained, exported: jax.export.Exported) -> dict[str, Any]:
     """What `train.serve` needs to turn raw input into the exported function's argument."""
     shape, dtype = input_spec(run.config)
-    kind = kind_of(run.info)
     meta: dict[str, Any] = {
-        "kind": kind,
+        "kind": kind_of(run),
         "model": run.config.model.name,
         "dataset": run.config.data.dataset,
         "step": run.step,
@@ -108,25 +103,14 @@ def metadata(run: trained.Trained, exported: jax.export.Exported) -> dict[str, A
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
     }
-    if kind == "image_classifier":
-        meta["input"]["pixel_scale"] = PIXEL_SCALE  # uint8 pixels times this: [0, 1]
-    if kind != "language_model":
-        meta["labels"] = label_names(run.config.data, run.info.num_classes)
     if run.info.vocab:
         meta["vocab"] = list(run.info.vocab)
         meta["word_level"] = run.info.word_level
     if run.info.word_level:
         meta["pad_id"], meta["unk_id"] = data.PAD_ID, data.UNK_ID
-    if kind == "language_model":
-        meta["sample_temperature"] = run.config.train.sample_temperature
-    return meta
-
-
-def label_names(data_config, num_classes: int) -> list[str]:
-    """The data set's class names from its tfds metadata ('0'..'9', 'negative'/'positive')."""
-    builder = tfds.builder(data_config.dataset, data_dir=data.resolve_data_dir(data_config))
-    names = list(builder.info.features["label"].names)
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+    # The task's own: a classifier's labels (and an image's pixel scale), a language model's
+    # sampling temperature.
+    return tasks.for_config(run.config).export_metadata(run.config, run.info, meta)
 
 
 def write(run: trained.Trained, out: pathlib.Path, platforms: Sequence[str] | None = None):
@@ -167,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out, meta_path = write(run, out, platforms)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as error:
         cli.fail(error)
-    print(f"Exported step {run.step} ({kind_of(run.info)}) to {out} and {meta_path}")
+    print(f"Exported step {run.step} ({kind_of(run)}) to {out} and {meta_path}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -26,20 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import (
-    checkpoint,
-    data,
-    metrics,
-    optim,
-    parallel,
-    process,
-    sample,
-    signals,
-    steps,
-    translation,
-)
+from train import checkpoint, data, metrics, optim, parallel, process, signals, steps
 from train.parallel import Compiled
-from train.state import TrainState, as_tuple, create_train_state, example_inputs
+from train.state import TrainState, create_train_state
 
 try:
     import fcntl
@@ -183,12 +171,10 @@ def train_and_evaluate(
         if lock is not None:
             lock.release()
 
-    # Sample: a language model writes a few texts to the log and samples.txt, an encoder-decoder
-    # a few translations of held-out sources.
-    if info.is_language_model and config.train.sample_lines > 0:
-        write_samples(config, state, info, sample_rng, workdir)
-    if isinstance(info, translation.Seq2SeqInfo) and config.train.sample_lines > 0:
-        write_translations(config, state, info, sample_rng, workdir)
+    # Sample: what the task writes after training (`train.tasks`): a language model a few texts,
+    # to the log and samples.txt, an encoder-decoder a few translations of held-out sources.
+    if config.train.sample_lines > 0:
+        state.task.after_training(config, state, info, sample_rng, workdir)
     logging.info("Finished at step %d; %s.", last_step, process.describe_peak_memory())
     return state, scalars
 
@@ -265,41 +251,13 @@ def _is_count(value: Any) -> bool:
 
 
 def check_model_fits_data(config: ml_collections.ConfigDict, state: TrainState, info) -> None:
-    """One-line errors for a model whose outputs cannot cover the data's classes or vocabulary."""
-    translation_data = isinstance(info, translation.Seq2SeqInfo)
-    if translation_data and config.model.name != "seq2seq":
-        raise ValueError(
-            f"{config.data.dataset} is a translation-style data set (pairs of sequences); train "
-            "it with model.name='seq2seq', as configs/seq2seq.py does."
-        )
-    if config.model.name == "seq2seq" and not translation_data:
-        seq2seq_sets = sorted(k for k, kind in data.DATASETS.items() if kind == "seq2seq")
-        raise ValueError(
-            f"model.name='seq2seq' needs a translation-style data set, one of {seq2seq_sets}; "
-            f"got data.dataset={config.data.dataset!r}."
-        )
+    """One-line errors for a model whose outputs cannot cover the data's classes or vocabulary
+    (the state's task checks the shapes of the logits)."""
+    inputs = state.task.example_inputs(config)
     logits = jax.eval_shape(
-        lambda p: state.apply_fn({"params": p}, *as_tuple(example_inputs(config)), train=False),
-        state.params,
+        lambda p: state.apply_fn({"params": p}, *inputs, train=False), state.params
     )
-    if translation_data:
-        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
-            raise ValueError(
-                f"{config.data.dataset} has {info.vocab_size} token ids, but the model's logits "
-                f"have shape {logits.shape}; set model.vocab_size >= {info.vocab_size}."
-            )
-    elif info.is_language_model:
-        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
-            raise ValueError(
-                f"{config.data.dataset} is a language-model data set of {info.vocab_size} tokens, "
-                f"but the model's logits have shape {logits.shape}; use a per-step model with "
-                f"model.vocab_size >= {info.vocab_size}."
-            )
-    elif logits.ndim != 2 or logits.shape[-1] < info.num_classes:
-        raise ValueError(
-            f"{config.data.dataset} has {info.num_classes} classes, but the model's logits have "
-            f"shape {logits.shape}; use a classifier with {info.num_classes} outputs."
-        )
+    state.task.check_fits(config, logits, info)
 
 
 def init_state(
@@ -711,65 +669,6 @@ def evaluate(
     for batch in batches:
         total = metrics.accumulate(total, compiled.eval(run_state, compiled.put_batch(batch)))
     return metrics.summarize(total, "eval")
-
-
-def write_samples(
-    config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
-) -> list[str]:
-    """Samples `train.sample_lines` texts from a language model; logs and writes samples.txt.
-
-    A model that decodes with a key/value cache (the Transformer decoder) does; others re-run
-    their window for every token.
-    """
-    num_lines = config.train.sample_lines
-    prompt = jnp.asarray(np.tile(info.encode("\n")[:1], (num_lines, 1)), jnp.int32)
-    cached = sample.uses_cache(state.apply_fn)
-    draw = jax.jit(
-        functools.partial(
-            sample.sample_tokens_cached if cached else sample.sample_tokens,
-            state.apply_fn,
-            length=config.train.sample_length,
-            context=config.data.seq_len,
-            temperature=config.train.sample_temperature,
-        )
-    )
-    tokens = np.asarray(jax.device_get(draw(state.params, prompt, rng)))
-    texts = [info.decode(row[1:]) for row in tokens]
-    if jax.process_index() == 0:
-        blocks = [f"--- sample {i} ---\n{text}\n" for i, text in enumerate(texts)]
-        (workdir / "samples.txt").write_text("".join(blocks))
-        for text in texts:
-            logging.info("Sample:\n%s", text)
-    return texts
-
-
-def write_translations(
-    config: ml_collections.ConfigDict, state: TrainState, info, rng: jax.Array, workdir
-) -> list[str]:
-    """Translates the first `train.sample_lines` sources of the eval split with the cached
-    decoder; logs and writes samples.txt, a line `source -> output (target: target)` each."""
-    batch = next(data.eval_batches(config.data))
-    num_lines = min(config.train.sample_lines, len(batch["inputs"]))
-    draw = jax.jit(
-        functools.partial(
-            sample.translate,
-            state.apply_fn,
-            length=config.data.seq_len,
-            bos_id=translation.BOS_ID,
-            eos_id=translation.EOS_ID,
-            temperature=config.train.sample_temperature,
-        )
-    )
-    sources, targets = batch["inputs"][:num_lines], batch["targets"][:num_lines]
-    outputs = np.asarray(jax.device_get(draw(state.params, jnp.asarray(sources), rng)))
-    lines = [
-        f"{info.decode(source)} -> {info.decode(output)} (target: {info.decode(target)})"
-        for source, output, target in zip(sources, outputs, targets, strict=True)
-    ]
-    if jax.process_index() == 0:
-        (workdir / "samples.txt").write_text("".join(line + "\n" for line in lines))
-        logging.info("Translations:\n%s", "\n".join(lines))
-    return lines
 
 
 def stop_requested(received: list[str]) -> bool:

@@ -40,7 +40,7 @@ def summarize(sums: Metrics, prefix: str) -> dict[str, float]:
         f"{prefix}/loss": float(host["loss_sum"]) / count,
         f"{prefix}/accuracy": float(host["correct_sum"]) / count,
     }
-    if "sequence_count" in host:  # an encoder-decoder's greedy decoding (train.steps.greedy_sums)
+    if "sequence_count" in host:  # an encoder-decoder's greedy decoding (train.tasks.Seq2Seq)
         scalars[f"{prefix}/greedy_token_accuracy"] = float(host["greedy_correct_sum"]) / count
         sequences = max(float(host["sequence_count"]), 1e-12)
         scalars[f"{prefix}/sequence_accuracy"] = float(host["sequence_correct_sum"]) / sequences

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import Seq2Seq, Transformer
-from train import cli, translation
+from train import cli
 
 ApplyFn = Callable[..., Any]
 
@@ -85,8 +85,11 @@ def next_token(
 
 
 def uses_cache(apply_fn: ApplyFn) -> bool:
-    """Whether `apply_fn`, a module's `apply`, belongs to a model that decodes with a cache."""
-    return isinstance(getattr(apply_fn, "__self__", None), Transformer | Seq2Seq)
+    """Whether `apply_fn`, a module's `apply`, belongs to a causal model that decodes with a cache:
+    one whose `__call__` takes `decode` (the Transformer decoder; `Seq2Seq` decodes with its
+    `decode` method, which `translate` calls)."""
+    module = getattr(apply_fn, "__self__", None)
+    return module is not None and "decode" in inspect.signature(module.__call__).parameters
 
 
 def init_cache(apply_fn: ApplyFn, params: Any, *args: Any, method: str | None = None) -> Any:
@@ -353,57 +356,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def generate(args: argparse.Namespace) -> str:
     """The text `python -m train.sample` prints; logs its timing to stderr."""
-    # Not a circle: orbax and the data pipeline, which only this command needs, kept out of
-    # `import train.steps` (which imports this module for decoding).
-    from train import trained
+    # Inside: `train.tasks` imports this module's decoding functions, and `train.trained` (orbax,
+    # the data pipeline) imports `train.tasks`; only this command needs them.
+    from train import tasks, trained
 
     if args.length < 1 or args.num_samples < 1:
         raise ValueError("--length and --num_samples must be at least 1.")
     run = trained.load(args.workdir, args.step)  # config.json, and a checkpoint's parameters
     config, params, info, step = run.config, run.params, run.info, run.step
-    seq2seq = isinstance(info, translation.Seq2SeqInfo)
-    temperature = args.temperature
-    if temperature is None:
-        temperature = 0.0 if seq2seq else 1.0
+    task = tasks.for_config(config)
+    temperature = task.sample_temperature if args.temperature is None else args.temperature
     check_sampling(temperature, args.top_k, args.top_p)
-    if not (seq2seq or info.is_language_model):
+    if not task.decodes:
         raise ValueError(
-            f"{args.workdir} holds a classifier of {config.data.dataset}; train.sample needs a "
-            "language-model or seq2seq run."
+            f"{args.workdir} holds a {task.name} run of {config.data.dataset}; train.sample needs "
+            "a language-model or seq2seq run."
         )
     apply_fn = run.model.apply
-    cache = uses_cache(apply_fn) and not args.no_cache
+    cache = task.decodes_with_cache(apply_fn) and not args.no_cache
     ids = info.encode(args.prompt)
     if len(ids) == 0:
         raise ValueError("--prompt must hold at least one token.")
     rng = jax.random.key(args.seed)
-    settings = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
-    if seq2seq:
-        if len(ids) > config.data.seq_len:
-            raise ValueError(
-                f"--prompt is {len(ids)} tokens; this run's sources are at most "
-                f"data.seq_len={config.data.seq_len}."
-            )
-        source = np.zeros((args.num_samples, config.data.seq_len), np.int32)
-        source[:, : len(ids)] = ids
-        length = min(args.length, config.model.max_len)
-        function = functools.partial(
-            translate,
-            apply_fn,
-            length=length,
-            bos_id=translation.BOS_ID,
-            eos_id=translation.EOS_ID,
-            cache=cache,
-            **settings,
-        )
-        inputs = jnp.asarray(source)
-    else:
-        sampler = sample_tokens_cached if cache else sample_tokens
-        length = args.length
-        function = functools.partial(
-            sampler, apply_fn, length=length, context=config.data.seq_len, **settings
-        )
-        inputs = jnp.asarray(np.tile(ids, (args.num_samples, 1)))
+    function, inputs, length = task.decoder(
+        config,
+        apply_fn,
+        ids,
+        num_samples=args.num_samples,
+        length=args.length,
+        cache=cache,
+        settings=dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p),
+    )
 
     start = time.perf_counter()
     compiled = jax.jit(function).lower(params, inputs, rng).compile()
@@ -418,9 +401,7 @@ def generate(args: argparse.Namespace) -> str:
         f"{compile_seconds:.2f} s.",
         file=sys.stderr,
     )
-    if seq2seq:
-        return "\n".join(info.decode(row) for row in tokens)
-    return "\n\n".join(info.decode(row) for row in tokens)
+    return task.decoded_text(info, tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,17 +4,22 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import struct
 from flax.training import train_state
 
 import jaxmodels
-from train import optim
+from train import optim, tasks
 
-# Flax's TrainState holds `step`, `params`, `opt_state` as pytree leaves and `apply_fn`, `tx` as
-# static fields; `apply_gradients` returns a new state. None of our models keeps batch statistics.
-TrainState = train_state.TrainState
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState: `step`, `params`, `opt_state` as pytree leaves and `apply_fn`, `tx` as
+    static fields; `apply_gradients` returns a new state. None of our models keeps batch
+    statistics. Plus `task`, static too: what a batch holds and how the steps score the model's
+    output (`train.tasks`); by default the plain cross-entropy of `model(inputs)`."""
+
+    task: tasks.Task = struct.field(pytree_node=False, default=tasks.PLAIN)
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -27,18 +32,18 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 def example_inputs(
     config: ml_collections.ConfigDict, batch_size: int = 1
 ) -> jax.Array | tuple[jax.Array, ...]:
-    """Zeros shaped like one batch of model inputs for `config.data.dataset`, for initialisation;
-    for the encoder-decoder (`model.name` seq2seq), the tuple of its two inputs."""
-    if config.data.dataset == "mnist":
-        return jnp.zeros((batch_size, 28, 28, 1), jnp.float32)  # [batch, height, width, channels]
-    tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)  # [batch, seq_len] token ids
-    if config.model.name == "seq2seq":
-        return tokens, tokens  # source ids, decoder input ids
-    return tokens
+    """Zeros shaped like one batch of model inputs of `config`'s task, for initialisation; the
+    tuple of them for a model of several inputs (the encoder-decoder's)."""
+    inputs = tasks.for_config(config).example_inputs(config, batch_size)
+    return inputs if len(inputs) > 1 else inputs[0]
 
 
 def state_from_module(
-    model: nn.Module, rng: jax.Array, inputs: Any, optimizer: optax.GradientTransformation
+    model: nn.Module,
+    rng: jax.Array,
+    inputs: Any,
+    optimizer: optax.GradientTransformation,
+    task: tasks.Task = tasks.PLAIN,
 ) -> TrainState:
     """A TrainState at step 0 for any Flax linen module, e.g. one of your own.
 
@@ -52,6 +57,8 @@ def state_from_module(
       inputs: an example batch of model inputs (zeros will do: only shapes matter), or a tuple of
         them for a model of several inputs (an encoder-decoder's `(inputs, decoder_inputs)`).
       optimizer: any optax GradientTransformation.
+      task: what a batch holds and how the steps score the model (`train.tasks`); the default
+        takes `batch["inputs"]` and the cross-entropy against `batch["targets"]`.
 
     Returns:
       A TrainState; pure, so it can be jitted with output shardings.
@@ -59,7 +66,7 @@ def state_from_module(
     # A "dropout" stream too: Flax NNX layers take their rng streams when they are built.
     rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
     params = model.init(rngs, *as_tuple(inputs), train=False)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, task=task)
 
 
 def as_tuple(inputs: Any) -> tuple:
@@ -88,4 +95,4 @@ def create_train_state(
     model = build_model(config) if model is None else model
     inputs = example_inputs(config) if inputs is None else inputs
     optimizer, _ = optim.make_optimizer(config.optimizer, config.train.num_steps)
-    return state_from_module(model, rng, inputs, optimizer)
+    return state_from_module(model, rng, inputs, optimizer, tasks.for_config(config))

@@ -1,10 +1,12 @@
 """Pure train and eval steps. The caller compiles them (jax.jit over a mesh, or jax.pmap).
 
-A batch is a dict of arrays: `inputs`, `targets` and optionally `weights` (the shape of `targets`);
-a sequence-to-sequence batch also holds `decoder_inputs`, the model's second input. One
-cross-entropy over the last axis of the logits serves classifiers (targets [batch]), language
-models and encoder-decoders (targets [batch, seq_len]). Steps return sums and a count, never
-means, so that averages stay exact over uneven batches, padded eval batches and devices.
+A batch is a dict of arrays: `inputs`, `targets` and optionally `weights` (the shape of `targets`),
+and whatever else the state's task reads (`state.task`, see `train.tasks`: a sequence-to-sequence
+batch also holds `decoder_inputs`, the model's second input). The task says which fields the model
+takes and scores its logits; every task of `train.tasks` takes the cross-entropy over the last axis
+of the logits (targets [batch] for classifiers, [batch, seq_len] for language models and
+encoder-decoders). Steps return sums and a count, never means, so that averages stay exact over
+uneven batches, padded eval batches and devices.
 """
 
 from collections.abc import Callable
@@ -12,14 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from train import sample
 from train.state import TrainState
-from train.translation import BOS_ID, EOS_ID
 
 Batch = dict[str, jax.Array]
-# The metric sums a train step returns.
+# The metric sums a train step returns (`state.task.sums`).
 TRAIN_SUMS = ("loss_sum", "correct_sum", "count")
 Metrics = dict[str, jax.Array]
 
@@ -28,25 +27,6 @@ def _weights(batch: Batch) -> jax.Array:
     if "weights" in batch:
         return batch["weights"].astype(jnp.float32)
     return jnp.ones(batch["targets"].shape, jnp.float32)
-
-
-def model_inputs(batch: Batch) -> tuple[jax.Array, ...]:
-    """The model's positional inputs: `(inputs,)`, or `(inputs, decoder_inputs)` for a
-    sequence-to-sequence batch."""
-    if "decoder_inputs" in batch:
-        return batch["inputs"], batch["decoder_inputs"]
-    return (batch["inputs"],)
-
-
-def _sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> Metrics:
-    """Weighted sums of loss and correct predictions. logits [..., classes], targets [...]."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {
-        "loss_sum": jnp.sum(losses * weights),
-        "correct_sum": jnp.sum(correct * weights),
-        "count": jnp.sum(weights),
-    }
 
 
 def train_step(
@@ -62,7 +42,7 @@ def train_step(
     Args:
       state: the current TrainState.
       batch: `inputs` [batch, ...], `targets` [batch] or [batch, seq_len], optional `weights`,
-        and `decoder_inputs` for an encoder-decoder (see the module docstring).
+        and what else `state.task` reads (see the module docstring).
       rng: the run's base key; the step number is folded in here, so the loop passes the same key
         every step and a resumed run draws the same dropout masks.
       axis_name: set only under pmap/shard_map, where each device holds a slice of the batch and
@@ -78,6 +58,7 @@ def train_step(
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     weights = _weights(batch)
+    task = state.task  # static: which fields the model takes, how its logits are scored
 
     # The gradient of the loss *sum*; it is divided by the global weight only after the sums
     # over micro-batches and devices, so pmap and jit optimise the same objective (the mean
@@ -90,11 +71,11 @@ def train_step(
         def loss_fn(params):
             logits = state.apply_fn(
                 {"params": params},
-                *model_inputs(micro_batch),
+                *task.model_inputs(micro_batch),
                 train=True,
                 rngs={"dropout": micro_rng},
             )
-            sums = _sums(logits, micro_batch["targets"], micro_weights)
+            sums = task.sums(logits, micro_batch, micro_weights)
             return sums["loss_sum"], sums
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -111,7 +92,7 @@ def train_step(
             )
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in TRAIN_SUMS}
         zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
         (grads, sums), _ = jax.lax.scan(
             accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches)
@@ -172,38 +153,13 @@ def _split(batch: Batch, num_micro_batches: int) -> Batch:
 def eval_step(state: TrainState, batch: Batch, *, axis_name: Any = None) -> Metrics:
     """Metric sums of the model in eval mode (no dropout). Rows with weight 0 count for nothing.
 
-    A sequence-to-sequence batch is also decoded greedily from its `inputs` alone, and scored
-    against its targets (`greedy_sums`).
+    The task may add sums of its own (`state.task.eval_sums`): a sequence-to-sequence batch is
+    also decoded greedily from its `inputs` alone, and scored against its targets.
     """
-    logits = state.apply_fn({"params": state.params}, *model_inputs(batch), train=False)
-    sums = _sums(logits, batch["targets"], _weights(batch))
-    if "decoder_inputs" in batch:
-        sums.update(greedy_sums(state, batch))
+    task, weights = state.task, _weights(batch)
+    logits = state.apply_fn({"params": state.params}, *task.model_inputs(batch), train=False)
+    sums = task.sums(logits, batch, weights)
+    sums.update(task.eval_sums(state, batch, weights))
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
     return sums
-
-
-def greedy_sums(state: TrainState, batch: Batch) -> Metrics:
-    """Sums of an encoder-decoder's greedy decoding (`train.sample.translate`, with its cache)
-    against the targets: `greedy_correct_sum`, the weighted target tokens it gets right (of
-    `count`, as `eval_step` sums it), `sequence_correct_sum`, the rows whose every weighted token
-    is right (the end token included), and `sequence_count`, the rows with any weight.
-    """
-    targets, weights = batch["targets"], _weights(batch)  # [batch, seq_len]
-    predicted = sample.translate(
-        state.apply_fn,
-        state.params,
-        batch["inputs"],
-        length=targets.shape[1],
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-    )
-    correct = predicted == targets
-    row_correct = jnp.all(correct | (weights == 0), axis=1)  # [batch]
-    is_row = jnp.any(weights > 0, axis=1)  # padded rows of the last eval batch are not
-    return {
-        "greedy_correct_sum": jnp.sum(correct * weights),
-        "sequence_correct_sum": jnp.sum(row_correct & is_row, dtype=jnp.float32),
-        "sequence_count": jnp.sum(is_row, dtype=jnp.float32),
-    }

@@ -58,8 +58,8 @@ class Seq2SeqInfo:
     Attributes:
       vocab_size: number of token ids.
       characters: the characters after the three special ids; "" for bytes.
-      num_classes: 0 (the loop's check of classifiers reads it).
-      is_language_model: False (the loop's check of language models reads it).
+      num_classes: 0, as `train.data.DatasetInfo` has it (no classes).
+      is_language_model: False, as `train.data.DatasetInfo` has it.
     """
 
     vocab_size: int

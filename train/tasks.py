@@ -16,7 +16,9 @@ of a language model, translations of a seq2seq model), how `python -m train.samp
 A task is a frozen dataclass without fields: hashable and equal to any other instance of its class,
 so it is part of the state's tree structure as `apply_fn` is. `TASKS` holds one of each by name;
 `for_config` picks the task of a config from the data set's kind (`train.data.kind`), and checks
-that `model.name` can train it. A new task is one class here, one entry in `TASKS` and a config.
+that `model.name` can train it. A new task is one class here (naming the `train.data` kinds it
+trains on), one entry in `TASKS` and a config; a task of your own, with your own data and loop,
+needs neither the entry nor a config: `train.state_from_module(..., task=YourTask())`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,17 @@ from jaxmodels import tuned
 from jaxmodels.tokens import pool, word_dropout
 
 
+def dense(features: int, axes: tuple[str, str], dtype, name: str) -> nn.Dense:
+    """`nn.Dense(features)` whose kernel (and bias, where its output axis has a name) carry the
+    logical axis names `axes` `(input, output)` (`nn.with_logical_partitioning`), for a trainer
+    to lay out over a device mesh; the same initial values as without them."""
+    kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+    bias_init = nn.initializers.zeros_init()
+    if axes[1] is not None:
+        bias_init = nn.with_logical_partitioning(bias_init, axes[1:])
+    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
 def cache_position(module: nn.Module, length: int) -> jax.Array | int:
     """Where `length` new positions start in decoding: `module`'s `"position"` counter in the
     `"cache"` collection, which this advances by `length`. 0 in the call that creates the cache.
@@ -76,9 +87,14 @@ class SelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         head_dim = self.width // self.num_heads
         dtype = jnp.dtype(self.dtype)
-        qkv = nn.Dense(3 * self.width, dtype=dtype, name="qkv")(x)  # [batch, seq_len, 3 * width]
+        # Logical names: `heads` is the axis tensor parallelism splits (Megatron: each device
+        # computes whole heads); `embed` the model width. No-ops outside a trainer's mesh.
+        qkv = dense(3 * self.width, ("embed", "heads"), dtype, "qkv")(x)  # [b, seq_len, 3 * width]
         qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, seq_len, heads, head_dim]
+        q, k, v = (  # each [batch, seq_len, heads, head_dim]
+            nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim"))
+            for i in range(3)
+        )
         if decode:
             if mask is not None:
                 raise ValueError("decode=True is causal attention; it takes no mask")
@@ -86,7 +102,7 @@ class SelfAttention(nn.Module):
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
         out = out.reshape(batch, seq_len, self.width)  # heads concatenated
-        return nn.Dense(self.width, dtype=dtype, name="out")(out)  # [batch, seq_len, width]
+        return dense(self.width, ("heads", None), dtype, "out")(out)  # [batch, seq_len, width]
 
     def _with_cache(self, k: jax.Array, v: jax.Array):
         """Writes the new positions' keys and values `[batch, seq_len, heads, head_dim]` into the
@@ -161,8 +177,9 @@ class TransformerBlock(nn.Module):
             y = attention(self.num_heads, self.width, self.dtype, name="attn")(y, mask)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
-        y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, seq_len, mlp_dim]
-        y = nn.Dense(self.width, dtype=dtype, name="mlp_out")(nn.gelu(y))  # [b, seq_len, width]
+        y = dense(self.mlp_dim, ("embed", "mlp"), dtype, "mlp_in")(y)  # [b, seq_len, mlp_dim]
+        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+        y = dense(self.width, ("mlp", None), dtype, "mlp_out")(nn.gelu(y))  # [b, seq_len, width]
         return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
@@ -313,6 +330,7 @@ class Transformer(nn.Module):
                 # [num_layers] axis.
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},  # independent init and dropout
+                metadata_params={nn.PARTITION_NAME: "layers"},  # the new axis's logical name
                 in_axes=(nn.broadcast,),  # the same mask for every layer
                 length=self.num_layers,
             )

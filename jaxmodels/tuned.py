@@ -334,16 +334,23 @@ def causal_attention(
 
 
 class DenseParams(nn.Module):
-    """Declares the parameters of an `nn.Dense(features)` on `inputs` inputs and returns them."""
+    """Declares the parameters of an `nn.Dense(features)` on `inputs` inputs and returns them,
+    with the logical axis names `axes` `(input, output)` of the plain layer's (see
+    `jaxmodels.transformer.dense`)."""
 
     inputs: int
     features: int
+    axes: tuple[str | None, str | None]
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array]:
         """`(kernel [inputs, features], bias [features])`, float32."""
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.inputs, self.features))
-        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
+        bias_init = nn.initializers.zeros_init()
+        if self.axes[1] is not None:
+            bias_init = nn.with_logical_partitioning(bias_init, self.axes[1:])
+        kernel = self.param("kernel", kernel_init, (self.inputs, self.features))
+        return kernel, self.param("bias", bias_init, (self.features,))
 
 
 def _to_heads(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -379,9 +386,8 @@ class HeadsMajorSelfAttention(nn.Module):
         heads, head_dim = self.num_heads, self.width // self.num_heads
         dtype = jnp.dtype(self.dtype)
         x = x.astype(dtype)
-        qkv_kernel, qkv_bias = (
-            p.astype(dtype) for p in DenseParams(x.shape[-1], 3 * self.width, name="qkv")()
-        )
+        qkv = DenseParams(x.shape[-1], 3 * self.width, ("embed", "heads"), name="qkv")
+        qkv_kernel, qkv_bias = (p.astype(dtype) for p in qkv())
         q_kernel, k_kernel, v_kernel = qkv_kernel.reshape(
             x.shape[-1], 3, heads, head_dim
         ).transpose(1, 0, 2, 3)  # each [width, heads, head_dim]
@@ -395,9 +401,8 @@ class HeadsMajorSelfAttention(nn.Module):
             out = causal_attention(q, k, v)
         else:
             out = attend(q, k, v, jnp.where(mask, 0.0, _MASKED).astype(jnp.float32))
-        out_kernel, out_bias = (
-            p.astype(dtype) for p in DenseParams(self.width, self.width, name="out")()
-        )
+        out_dense = DenseParams(self.width, self.width, ("heads", None), name="out")
+        out_kernel, out_bias = (p.astype(dtype) for p in out_dense())
         out_kernel = out_kernel.reshape(heads, head_dim, self.width)
         # [batch, heads, seq_len, head_dim] x [heads, head_dim, width] -> [batch, seq_len, width]
         return jax.lax.dot_general(out, out_kernel, (((1, 3), (0, 1)), ((), ()))) + out_bias

@@ -52,7 +52,7 @@ from ml_collections import config_flags
 
 from train import __main__ as command_line
 from train import loop, parallel
-from train.state import create_train_state, example_inputs
+from train.state import create_train_state, example_inputs, param_logical_axes
 
 flags.DEFINE_string("topology", None, "A slice: v5e-16, v4-8, v5p-128, v6e-256, ... or cpu-N.")
 flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (Multislice).")
@@ -228,7 +228,8 @@ def abstract_arguments(
     several steps run per call."""
     rng = jax.random.key(config.seed)
     state = jax.eval_shape(functools.partial(create_train_state, config), rng)
-    shardings = parallel.state_shardings(state, mesh)
+    parallel.check_tensor_parallel(config.model, mesh)
+    shardings = parallel.state_shardings(state, mesh, param_logical_axes(config))
     inputs = jax.eval_shape(lambda: example_inputs(config, config.data.batch_size))
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     logits = jax.eval_shape(

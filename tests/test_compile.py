@@ -173,6 +173,21 @@ def test_param_bytes_are_hand_count_over_fsdp():
 
 
 @needs_libtpu
+def test_tensor_parallel_compiles_for_a_v5e_8():
+    # The tiny Transformer's 2 heads and 256 MLP units split over 2 chips, the batch over 4.
+    config = tiny("transformer", **{"train.mesh.tensor": 2})
+    report, _ = tc.compile_train_step(config, tc.parse_slice("v5e-8"))
+    assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert report.params == 112_577
+    # Every block's qkv, out, mlp_in and mlp_out kernels and the qkv and mlp_in biases are halved.
+    width, mlp_dim, layers = 64, 256, 2
+    split = layers * (3 * width * width + 3 * width + width * width + 2 * width * mlp_dim + mlp_dim)
+    assert report.per_device["params"] == (112_577 - split // 2) * 4
+    assert report.collectives["all-reduce"]["count"] > 0  # the heads' and units' partial sums
+    assert "mesh data=4 x fsdp=1 x tensor=2" in tc.report_lines(report, "tiny")[0]
+
+
+@needs_libtpu
 def test_tpu_compile_calls_nothing_from_tuned(monkeypatch):
     """On a TPU `implementation='auto'` is the plain layers, although this process's backend is
     the CPU (where auto picks jaxmodels/tuned.py's)."""

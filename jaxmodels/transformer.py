@@ -22,20 +22,11 @@ past `length`.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jaxmodels import tuned
+from jaxmodels.dense import DenseParams, dense
 from jaxmodels.tokens import pool, word_dropout
-
-
-def dense(features: int, axes: tuple[str, str], dtype, name: str) -> nn.Dense:
-    """`nn.Dense(features)` whose kernel (and bias, where its output axis has a name) carry the
-    logical axis names `axes` `(input, output)` (`nn.with_logical_partitioning`), for a trainer
-    to lay out over a device mesh; the same initial values as without them."""
-    kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
-    bias_init = nn.initializers.zeros_init()
-    if axes[1] is not None:
-        bias_init = nn.with_logical_partitioning(bias_init, axes[1:])
-    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 def cache_position(module: nn.Module, length: int) -> jax.Array | int:
@@ -87,10 +78,21 @@ class SelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         head_dim = self.width // self.num_heads
         dtype = jnp.dtype(self.dtype)
-        # Logical names: `heads` is the axis tensor parallelism splits (Megatron: each device
-        # computes whole heads); `embed` the model width. No-ops outside a trainer's mesh.
-        qkv = dense(3 * self.width, ("embed", "heads"), dtype, "qkv")(x)  # [b, seq_len, 3 * width]
-        qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
+        # The parameters of `nn.Dense(3 * width)`, named `qkv`. Logical names: `heads` is the axis
+        # tensor parallelism splits (Megatron: each device computes whole heads), `embed` the
+        # model width; the constraints do nothing outside a trainer's mesh. The columns are
+        # q | k | v, each heads x head_dim, so a split of all 3 * width columns into equal
+        # runs is no split by heads: the kernel is viewed as [in, 3, heads, head_dim] and laid
+        # out by heads before the matmul, which moves the weight once a step rather than every
+        # token's q, k and v.
+        kernel, bias = DenseParams(x.shape[-1], 3 * self.width, ("embed", "heads"), name="qkv")()
+        kernel = nn.with_logical_constraint(
+            kernel.reshape(-1, 3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim")
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+        # [batch, seq_len, in] x [in, 3, heads, head_dim] -> [batch, seq_len, 3, heads, head_dim]
+        qkv = jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+        qkv = qkv + bias.reshape(3, self.num_heads, head_dim)
         q, k, v = (  # each [batch, seq_len, heads, head_dim]
             nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim"))
             for i in range(3)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.dense import DenseParams
+
 IMPLEMENTATIONS = ("auto", "standard", "cpu")
 
 
@@ -331,26 +333,6 @@ def causal_attention(
         bias = np.where(visible, 0.0, _MASKED).astype(np.float32)
         outs.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], bias))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-
-
-class DenseParams(nn.Module):
-    """Declares the parameters of an `nn.Dense(features)` on `inputs` inputs and returns them,
-    with the logical axis names `axes` `(input, output)` of the plain layer's (see
-    `jaxmodels.transformer.dense`)."""
-
-    inputs: int
-    features: int
-    axes: tuple[str | None, str | None]
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        """`(kernel [inputs, features], bias [features])`, float32."""
-        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
-        bias_init = nn.initializers.zeros_init()
-        if self.axes[1] is not None:
-            bias_init = nn.with_logical_partitioning(bias_init, self.axes[1:])
-        kernel = self.param("kernel", kernel_init, (self.inputs, self.features))
-        return kernel, self.param("bias", bias_init, (self.features,))
 
 
 def _to_heads(x: jax.Array, kernel: jax.Array) -> jax.Array:

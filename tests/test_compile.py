@@ -217,7 +217,7 @@ def test_shortfall_line():
         num_slices=1,
         devices=8,
         device_kind="TPU v5 lite",
-        mesh={"data": 8, "fsdp": 1},
+        mesh={"data": 8, "fsdp": 1, "tensor": 1},
         params=0,
         per_device={"total": int(21.3 * tc.GiB)},
         hbm_bytes=16 * tc.GiB,

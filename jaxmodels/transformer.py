@@ -22,8 +22,10 @@ past `length`.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from jaxmodels import tuned
+from jaxmodels.dense import DenseParams, dense
 from jaxmodels.tokens import pool, word_dropout
 
 
@@ -89,9 +91,25 @@ class SelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         head_dim = self.width // self.num_heads
         dtype = jnp.dtype(self.dtype)
-        qkv = nn.Dense(3 * self.width, dtype=dtype, name="qkv")(x)  # [batch, seq_len, 3 * width]
-        qkv = qkv.reshape(batch, seq_len, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, seq_len, heads, head_dim]
+        # The parameters of `nn.Dense(3 * width)`, named `qkv`. Logical names: `heads` is the axis
+        # tensor parallelism splits (Megatron: each device computes whole heads), `embed` the
+        # model width; the constraints do nothing outside a trainer's mesh. The columns are
+        # q | k | v, each heads x head_dim, so a split of all 3 * width columns into equal
+        # runs is no split by heads: the kernel is viewed as [in, 3, heads, head_dim] and laid
+        # out by heads before the matmul, which moves the weight once a step rather than every
+        # token's q, k and v.
+        kernel, bias = DenseParams(x.shape[-1], 3 * self.width, ("embed", "heads"), name="qkv")()
+        kernel = nn.with_logical_constraint(
+            kernel.reshape(-1, 3, self.num_heads, head_dim), ("embed", None, "heads", "head_dim")
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+        # [batch, seq_len, in] x [in, 3, heads, head_dim] -> [batch, seq_len, 3, heads, head_dim]
+        qkv = jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+        qkv = qkv + bias.reshape(3, self.num_heads, head_dim)
+        q, k, v = (  # each [batch, seq_len, heads, head_dim]
+            nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "head_dim"))
+            for i in range(3)
+        )
         if decode:
             if mask is not None:
                 raise ValueError("decode=True is causal attention; it takes no mask")
@@ -99,7 +117,7 @@ class SelfAttention(nn.Module):
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
         attention = tuned.attention if tuned.use_tuned(self.implementation) else _attention
         out = attention(q, k, v, mask).reshape(batch, seq_len, self.width)  # heads concatenated
-        return nn.Dense(self.width, dtype=dtype, name="out")(out)  # [batch, seq_len, width]
+        return dense(self.width, ("heads", None), dtype, "out")(out)  # [batch, seq_len, width]
 
     def _with_cache(self, k: jax.Array, v: jax.Array):
         """Writes the new positions' keys and values `[batch, seq_len, heads, head_dim]` into the
@@ -167,8 +185,9 @@ class TransformerBlock(nn.Module):
         y = attention(y, mask, decode=decode)
         x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
-        y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, seq_len, mlp_dim]
-        y = nn.Dense(self.width, dtype=dtype, name="mlp_out")(nn.gelu(y))  # [b, seq_len, width]
+        y = dense(self.mlp_dim, ("embed", "mlp"), dtype, "mlp_in")(y)  # [b, seq_len, mlp_dim]
+        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+        y = dense(self.width, ("mlp", None), dtype, "mlp_out")(nn.gelu(y))  # [b, seq_len, width]
         return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
@@ -316,6 +335,7 @@ class Transformer(nn.Module):
                 # [num_layers] axis.
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},  # independent init and dropout
+                metadata_params={nn.PARTITION_NAME: "layers"},  # the new axis's logical name
                 in_axes=(nn.broadcast,),  # the same mask for every layer
                 length=self.num_layers,
             )

@@ -112,7 +112,11 @@ def test_cpu_devices_without_libtpu(monkeypatch):
     monkeypatch.setattr(tc, "has_libtpu", lambda: False)
     config = tiny("transformer")
     report, _ = tc.compile_train_step(config, tc.parse_slice("cpu-4"))
-    assert (report.devices, report.device_kind, report.mesh) == (4, "cpu", {"data": 4, "fsdp": 1})
+    assert (report.devices, report.device_kind, report.mesh) == (
+        4,
+        "cpu",
+        {"data": 4, "fsdp": 1, "tensor": 1},
+    )
     assert report.params == 112_577
     assert report.per_device["params"] == 112_577 * 4  # replicated: every device holds all
     assert report.per_device["batch"] == 3 * 4 * 64 * 4  # inputs, targets, weights: 4 rows each
@@ -163,9 +167,24 @@ def test_param_bytes_are_hand_count_over_fsdp():
     config = tiny("transformer", **{"model.vocab_size": 128, "train.mesh.fsdp": 4})
     report, _ = tc.compile_train_step(config, tc.parse_slice("v4-8"))  # 4 chips
     assert report.params == params
-    assert report.mesh == {"data": 1, "fsdp": 4}
+    assert report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report.per_device["params"] == params * 4 // 4
     assert report.collectives["all-gather"]["count"] > 0  # FSDP gathers the parameters
+
+
+@needs_libtpu
+def test_tensor_parallel_compiles_for_a_v5e_8():
+    # The tiny Transformer's 2 heads and 256 MLP units split over 2 chips, the batch over 4.
+    config = tiny("transformer", **{"train.mesh.tensor": 2})
+    report, _ = tc.compile_train_step(config, tc.parse_slice("v5e-8"))
+    assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert report.params == 112_577
+    # Every block's qkv, out, mlp_in and mlp_out kernels and the qkv and mlp_in biases are halved.
+    width, mlp_dim, layers = 64, 256, 2
+    split = layers * (3 * width * width + 3 * width + width * width + 2 * width * mlp_dim + mlp_dim)
+    assert report.per_device["params"] == (112_577 - split // 2) * 4
+    assert report.collectives["all-reduce"]["count"] > 0  # the heads' and units' partial sums
+    assert "mesh data=4 x fsdp=1 x tensor=2" in tc.report_lines(report, "tiny")[0]
 
 
 @needs_libtpu
@@ -198,7 +217,7 @@ def test_shortfall_line():
         num_slices=1,
         devices=8,
         device_kind="TPU v5 lite",
-        mesh={"data": 8, "fsdp": 1},
+        mesh={"data": 8, "fsdp": 1, "tensor": 1},
         params=0,
         per_device={"total": int(21.3 * tc.GiB)},
         hbm_bytes=16 * tc.GiB,
@@ -263,7 +282,7 @@ def test_1b_fits_a_v5p_64():
     report, _ = tc.compile_train_step(
         load_config("configs/transformer.py:1b"), tc.parse_slice("v5p-64")
     )
-    assert report.devices == 32 and report.mesh == {"data": 1, "fsdp": 32}
+    assert report.devices == 32 and report.mesh == {"data": 1, "fsdp": 32, "tensor": 1}
     assert report.fits and report.per_device["total"] < 95 * tc.GiB
     params = transformer_params(256, 2048, 8192, 16, 2048)
     assert report.per_device["params"] == params * 4 // 32

@@ -187,7 +187,7 @@ def test_command_line_runs_with_overrides_on_one_and_two_cpu_devices(tmp_path):
     config = json.loads((tmp_path / "one" / "config.json").read_text())
     assert config["train"]["num_steps"] == 20
     assert "it/s" in log or "step/s" in log  # the progress bar
-    assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1}." in log
+    assert "Devices: 1 x cpu over 1 process(es); mesh {'data': 1, 'fsdp': 1, 'tensor': 1}." in log
     # It restarted itself once with its process settings (train/process.py), where it has any.
     wanted = process.environment(load_config(CONFIGS / "transformer.py:tiny").train)
     assert log.count("Restarting once with") == int(bool(wanted)), log[-3000:]
@@ -195,7 +195,7 @@ def test_command_line_runs_with_overrides_on_one_and_two_cpu_devices(tmp_path):
     # train.cpu_devices (train/process.py): the batch split over two CPU devices trains on
     # real tiny Shakespeare as on one, up to round-off.
     two, log = run_tiny_transformer(tmp_path / "two", "--config.train.cpu_devices=2")
-    assert "Devices: 2 x cpu over 1 process(es); mesh {'data': 2, 'fsdp': 1}." in log
+    assert "Devices: 2 x cpu over 1 process(es); mesh {'data': 2, 'fsdp': 1, 'tensor': 1}." in log
     assert [r["step"] for r in two] == [10, 20]
     for key in ("train/loss", "eval/loss"):
         a, b = [r[key] for r in reports if key in r], [r[key] for r in two if key in r]

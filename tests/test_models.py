@@ -338,10 +338,11 @@ def test_transformer_rejects_bad_inputs_and_modes():
 def test_transformer_scan_matches_unrolled(mode, small):
     scanned = small("transformer", **mode, scan_layers=True)
     unrolled = small("transformer", **mode)  # scan_layers=False is the default
-    params = unrolled.variables["params"]
+    params = nn.unbox(unrolled.variables["params"])  # plain arrays, as a train state holds them
     stacked = stack_blocks(params, num_layers=2)
     # The stacked unrolled parameters are exactly the scanned model's layout.
-    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned.variables["params"])
+    scanned_params = nn.unbox(scanned.variables["params"])
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_params)
     assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (2, D, 3 * D)  # [layers, in, out]
 
     tokens = jnp.array([[5, 3, 9, 2, 7, 0, 0], [4, 4, 1, 0, 0, 0, 0]])  # padding for the encoder

@@ -95,7 +95,9 @@ def run_losses(config, mode: str, num_devices: int, num_steps: int = 4):
     'dp' (jit, replicated state), 'fsdp' (jit, state sharded over all devices) or 'pmap'."""
     devices = jax.devices()[:num_devices]
     fsdp = num_devices if mode == "fsdp" else 1
-    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    mesh = parallel.make_mesh(
+        ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1}), devices
+    )
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
     if mode == "pmap":
         compiled = parallel.compile_pmap(devices)
@@ -140,7 +142,9 @@ def compile_layout(config, mode: str, num_devices: int, steps_per_call: int = 1)
     """(compiled steps, fresh state) for `mode` on the first `num_devices` devices (run_losses)."""
     devices = jax.devices()[:num_devices]
     fsdp = num_devices if mode == "fsdp" else 1
-    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    mesh = parallel.make_mesh(
+        ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1}), devices
+    )
     state, shardings = loop.init_state(config, mesh, jax.random.key(0))
     if mode == "pmap":
         return parallel.compile_pmap(devices, steps_per_call=steps_per_call), state
@@ -185,7 +189,7 @@ def test_four_steps_in_one_call_are_bitwise_the_four_steps_one_by_one(name):
 
 def test_fsdp_shards_parameters_and_optimizer_state():
     config = load_config(CONFIGS / "transformer.py:tiny")
-    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 4, "tensor": 1}))
     state, _ = loop.init_state(config, mesh, jax.random.key(0))
     kernel = state.params["lm_head"]["kernel"]  # [width 64, vocab 65]: 64 divides by 4
     assert kernel.sharding.spec == P("fsdp", None)
@@ -200,10 +204,10 @@ def test_fsdp_shards_parameters_and_optimizer_state():
 
 
 def test_make_mesh_fills_in_minus_one_and_rejects_a_bad_product():
-    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1}))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": -1, "tensor": 1}))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="does not cover the 4 devices"):
-        parallel.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1}))
+        parallel.make_mesh(ml_collections.ConfigDict({"data": 3, "fsdp": 1, "tensor": 1}))
 
 
 def test_gradient_accumulation_4_x_8_equals_a_batch_of_32():

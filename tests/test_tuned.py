@@ -150,7 +150,7 @@ def test_self_attention_matches_textbook_dense_layers(causal, num_heads, impleme
         mask = mask | np.eye(7, dtype=bool)  # every query sees at least itself
     ours = SelfAttention(num_heads=num_heads, width=12, implementation=implementation)
     textbook = TextbookAttention(num_heads=num_heads, width=12)
-    params = ours.init(key(0), x, mask)["params"]
+    params = nn.unbox(ours.init(key(0), x, mask)["params"])  # without the logical axis names
     jax.tree.map(np.testing.assert_array_equal, params, textbook.init(key(0), x, mask)["params"])
     params = jax.tree.map(lambda p: p + random_normal(3, p.shape), params)  # nonzero biases too
     np.testing.assert_allclose(

@@ -6,12 +6,15 @@ reports what the compiler says of it: bytes per device against the chip's memory
 collectives between devices. With libtpu installed (`pip install 'jaxmodels[tpu]'`), JAX builds
 the real TPU program for a slice's devices (`jax.experimental.topologies`); the state is only
 described (`jax.eval_shape`), so nothing is allocated. The step is the one `python -m train` runs
-with the same config: the same mesh (`train.mesh`), steps per call, gradient accumulation, remat
-and dtype, with the plain layers `model.implementation='auto'` picks on a TPU.
+with the same config: the same mesh (`train.mesh`: data x fsdp x tensor), steps per call,
+gradient accumulation, remat and dtype, with the plain layers `model.implementation='auto'` picks
+on a TPU.
 
   python -m train.compile --config=configs/transformer.py:124m --topology=v5e-16
   python -m train.compile --config=configs/transformer.py:1b --topology=v5p-64 \\
       --config.train.mesh.fsdp=32 --json
+  python -m train.compile --config=configs/transformer.py:7b --topology=v5e-256 \\
+      --config.train.mesh.tensor=8  # heads and MLP units over 8 chips, FSDP over the other 32
   python -m train.compile --config=configs/transformer.py:tiny --topology=cpu-4  # no libtpu
 
 SLICE is a slice as Cloud TPU names it: v4-8 ... v4-4096 and v5p-8 ... v5p-8192 (the number counts
@@ -52,7 +55,7 @@ from ml_collections import config_flags
 
 from train import __main__ as command_line
 from train import loop, parallel
-from train.state import create_train_state, example_inputs
+from train.state import create_train_state, example_inputs, param_logical_axes
 
 flags.DEFINE_string("topology", None, "A slice: v5e-16, v4-8, v5p-128, v6e-256, ... or cpu-N.")
 flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (Multislice).")
@@ -228,7 +231,8 @@ def abstract_arguments(
     several steps run per call."""
     rng = jax.random.key(config.seed)
     state = jax.eval_shape(functools.partial(create_train_state, config), rng)
-    shardings = parallel.state_shardings(state, mesh)
+    parallel.check_tensor_parallel(config.model, mesh)
+    shardings = parallel.state_shardings(state, mesh, param_logical_axes(config))
     inputs = jax.eval_shape(lambda: example_inputs(config, config.data.batch_size))
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     logits = jax.eval_shape(
@@ -675,8 +679,9 @@ def format_seconds(seconds: float) -> str:
 def shortfall(report: Report, config: ml_collections.ConfigDict) -> str:
     """The one line for a config that does not fit: how much, and what to change."""
     fixes = []
-    if report.mesh["fsdp"] < report.devices:
-        fixes.append(f"raise train.mesh.fsdp (now {report.mesh['fsdp']}, up to {report.devices})")
+    most_fsdp = report.devices // report.mesh["tensor"]  # the devices of one tensor rank
+    if report.mesh["fsdp"] < most_fsdp:
+        fixes.append(f"raise train.mesh.fsdp (now {report.mesh['fsdp']}, up to {most_fsdp})")
     if "remat" in config.model and not config.model.remat:
         fixes.append("set model.remat=True")
     per_device_batch = config.data.batch_size // report.devices

@@ -27,7 +27,11 @@ from tqdm import tqdm
 
 from train import checkpoint, data, metrics, optim, parallel, process, signals, steps
 from train.parallel import Compiled
-from train.state import TrainState, create_train_state
+from train.state import (
+    TrainState,
+    create_train_state,
+    param_logical_axes,
+)
 
 try:
     import fcntl
@@ -88,8 +92,10 @@ def train_and_evaluate(
         jax.process_count(),
         dict(mesh.shape),
     )
-    if config.train.parallelism == "pmap" and mesh.shape["fsdp"] > 1:
-        raise ValueError("train.parallelism='pmap' replicates the state; FSDP needs 'jit'.")
+    if config.train.parallelism == "pmap" and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
+        raise ValueError(
+            "train.parallelism='pmap' replicates the state; FSDP and tensor parallelism need 'jit'."
+        )
     # Keys made under jit are global arrays, replicated over the mesh (as checkpoints hold them).
     init_rng, step_rng, sample_rng = jax.jit(
         lambda: jax.random.split(jax.random.key(config.seed), 3),
@@ -276,7 +282,9 @@ def init_state(
     """
     create = functools.partial(create_train_state, config, inputs=inputs, model=model)
     abstract = jax.eval_shape(create, rng)
-    shardings = parallel.state_shardings(abstract, mesh)
+    parallel.check_tensor_parallel(config.model, mesh)
+    axes = param_logical_axes(config, inputs, model=model)
+    shardings = parallel.state_shardings(abstract, mesh, axes)
     # jit sees the arrays only: the state's static parts (apply_fn, tx) come from `abstract`,
     # so the state and its shardings have the same tree structure.
     leaves = jax.jit(

@@ -7,10 +7,13 @@ using the devices, with the conversions between that form of the state and the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,11 +21,27 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmodels import tuned
 from train import steps
 from train.state import TrainState
 
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these; tensor devices share their rows
 PMAP_AXIS = "batch"
+
+# The one table from the logical axis names of the models' annotations
+# (`nn.with_logical_partitioning` on parameters, `nn.with_logical_constraint` on activations) to
+# mesh axes: the Megatron layout,
+# attention heads and the MLP's hidden units split over `tensor`. Only `tensor` is placed by name:
+# FSDP keeps choosing its axis by shape (`param_spec`, over the axes left free), so data parallel
+# and FSDP lay out every model, annotated or not, exactly as they do without a tensor axis.
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),  # activations' rows
+    ("heads", "tensor"),  # attention: qkv's output columns, out's input rows, q/k/v's heads
+    ("mlp", "tensor"),  # the MLP's hidden units: mlp_in's columns, mlp_out's rows
+    ("embed", None),  # model width: split by FSDP where it picks it
+    ("layers", None),  # the stacked axis of scanned blocks
+)
 
 
 class Compiled(NamedTuple):
@@ -46,41 +65,140 @@ class Compiled(NamedTuple):
 def make_mesh(
     mesh_config: ml_collections.ConfigDict | None = None, devices: list | None = None
 ) -> Mesh:
-    """A 2-D device mesh with axes `data` and `fsdp` (see `config.train.mesh`).
+    """A 3-D device mesh with axes `data`, `fsdp` and `tensor` (see `config.train.mesh`).
 
     Args:
-      mesh_config: `data` and `fsdp` axis sizes; -1 takes the devices left over. None: all data.
+      mesh_config: `data`, `fsdp` and `tensor` axis sizes; -1 (in `data` or `fsdp`) takes the
+        devices left over. None: all data.
       devices: the devices to use; default every device of every process.
     """
     devices = jax.devices() if devices is None else devices
-    data, fsdp = (-1, 1) if mesh_config is None else (mesh_config.data, mesh_config.fsdp)
-    if data == -1 and fsdp != -1 and fsdp > 0:
-        data = len(devices) // fsdp
-    elif fsdp == -1 and data > 0:
-        fsdp = len(devices) // data
-    if data < 1 or fsdp < 1 or data * fsdp != len(devices):
+    if mesh_config is None:
+        data, fsdp, tensor = -1, 1, 1
+    else:
+        data, fsdp, tensor = mesh_config.data, mesh_config.fsdp, mesh_config.tensor
+    if tensor < 1 or len(devices) % tensor:
         raise ValueError(
-            f"train.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not cover the "
-            f"{len(devices)} devices; make the product {len(devices)}, or set one of them to -1."
+            f"train.mesh.tensor={tensor} does not divide the {len(devices)} devices; pick a "
+            f"divisor of {len(devices)} that divides model.num_heads and model.mlp_dim."
         )
-    return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
+    rest = len(devices) // tensor  # devices per tensor group
+    if data == -1 and fsdp != -1 and fsdp > 0:
+        data = rest // fsdp
+    elif fsdp == -1 and data > 0:
+        fsdp = rest // data
+    if data < 1 or fsdp < 1 or data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"train.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} x tensor={tensor} "
+            f"does not cover the {len(devices)} devices; make the product {len(devices)}, or set "
+            "data or fsdp to -1."
+        )
+    return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
-def param_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+def param_spec(shape: tuple[int, ...], fsdp_size: int, taken: P | None = None) -> P:
     """Where one state array lives: FSDP shards its largest axis that `fsdp_size` divides over the
     `fsdp` mesh axis; scalars, small or indivisible arrays, and everything when fsdp is 1, are
-    replicated. XLA gathers the shards where a layer needs them."""
-    divisible = [axis for axis, size in enumerate(shape) if size % fsdp_size == 0]
-    if fsdp_size == 1 or not divisible:
-        return P()
-    axis = max(divisible, key=lambda a: shape[a])
-    return P(*(["fsdp" if a == axis else None for a in range(len(shape))]))
+    replicated. XLA gathers the shards where a layer needs them.
+
+    Args:
+      shape: the array's shape.
+      fsdp_size: the `fsdp` mesh axis's size.
+      taken: the array's axes already placed (by `LOGICAL_RULES`), which FSDP leaves alone.
+    """
+    taken = () if taken is None else tuple(taken)
+    placed = list(taken) + [None] * (len(shape) - len(taken))
+    divisible = [
+        axis for axis, size in enumerate(shape) if size % fsdp_size == 0 and placed[axis] is None
+    ]
+    if fsdp_size > 1 and divisible:
+        placed[max(divisible, key=lambda a: shape[a])] = "fsdp"
+    return P(*placed) if any(axis is not None for axis in placed) else P()
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """A NamedSharding for every array of `state` (params and optimizer state alike)."""
-    fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(jnp.shape(x), fsdp_size)), state)
+def tensor_spec(name: str, shape: tuple[int, ...], logical: P, mesh: Mesh) -> P:
+    """The mesh axes of `LOGICAL_RULES` for an array with logical axis names `logical`, keeping
+    only mesh axes of more than one device; an axis they do not divide is an error.
+
+    Args:
+      name: the array's path, for the error message.
+      shape: its shape.
+      logical: one logical name (or None) per axis, as `nn.get_partition_spec` gives them.
+      mesh: the device mesh.
+    """
+    spec = []
+    for size, mesh_axes, logical_name in zip(
+        shape, nn.logical_to_mesh_axes(logical, LOGICAL_RULES), logical, strict=True
+    ):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        names = tuple(axis for axis in names if mesh.shape[axis] > 1)
+        devices = math.prod(mesh.shape[axis] for axis in names)
+        if size % devices:
+            raise ValueError(
+                f"{name}'s {logical_name!r} axis of {size} does not divide over train.mesh."
+                f"{'/'.join(names)}={devices}; pick a size that divides it."
+            )
+        spec.append(names[0] if len(names) == 1 else (names or None))
+    return P(*spec)
+
+
+def check_tensor_parallel(model_config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """Refuses a model config that `mesh`'s `tensor` axis cannot split: attention heads it does
+    not divide, or the XLA:CPU kernels of `jaxmodels.tuned` (their hand-written backward passes
+    are tested on whole heads only)."""
+    tensor = mesh.shape["tensor"]
+    if tensor == 1:
+        return
+    if "implementation" in model_config and tuned.use_tuned(model_config.implementation):
+        raise ValueError(
+            f"train.mesh.tensor={tensor} needs the plain layers, but model.implementation="
+            f"{model_config.implementation!r} picks jaxmodels/tuned.py's on this CPU; set "
+            "--config.model.implementation=standard."
+        )
+    if "num_heads" in model_config and model_config.num_heads % tensor:
+        raise ValueError(
+            f"train.mesh.tensor={tensor} does not divide model.num_heads="
+            f"{model_config.num_heads}; pick a tensor size that divides it."
+        )
+
+
+def state_shardings(state: Any, mesh: Mesh, logical_axes: Any = None) -> Any:
+    """A NamedSharding for every array of `state` (params and optimizer state alike).
+
+    Args:
+      state: the state (arrays or shapes).
+      mesh: the device mesh.
+      logical_axes: the params' logical axis names, a PartitionSpec per parameter
+        (`state.param_logical_axes`), or None. A parameter that has names, and every optimizer
+        state array of its shape whose path ends in the parameter's path (Adam's moments), is
+        split over `tensor` by `LOGICAL_RULES`; FSDP then shards the largest of its free axes.
+        Everything else is laid out by `param_spec` alone.
+    """
+    fsdp_size, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    named = {}  # parameter path -> logical names, for the parameters that declare them
+    if logical_axes is not None:
+        for path, names in jax.tree_util.tree_leaves_with_path(
+            logical_axes, is_leaf=lambda x: isinstance(x, P)
+        ):
+            if len(names):
+                named[path] = names
+    if tensor > 1 and not named:
+        raise ValueError(
+            f"train.mesh.tensor={tensor}, but this model's parameters declare no logical axes to "
+            "split (the Transformer's attention and MLP do); set train.mesh.tensor=1."
+        )
+
+    def sharding(path, x):
+        shape = jnp.shape(x)
+        taken = P()
+        for start in range(len(path)):  # the longest parameter path that ends `path`
+            names = named.get(path[start:])
+            if names is not None and len(names) == len(shape):
+                taken = tensor_spec(jax.tree_util.keystr(path[start:]), shape, names, mesh)
+                break
+        return NamedSharding(mesh, param_spec(shape, fsdp_size, taken))
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
 
 
 def compile_jit(
@@ -91,9 +209,11 @@ def compile_jit(
     decode: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
     steps_per_call: int = 1,
 ) -> Compiled:
-    """jit over the mesh: the batch is split along its first axis over all devices, the state is
-    replicated (data parallel) or sharded over `fsdp` (see `param_spec`), and XLA inserts the
-    collectives. The state is donated: its buffers are reused for the new state.
+    """jit over the mesh: the batch is split along its first axis over the `data` x `fsdp`
+    devices, the state is replicated (data parallel), sharded over `fsdp` (see `param_spec`) and
+    split over `tensor` by its logical axes (`state_shardings`), and XLA inserts the collectives.
+    With a `tensor` axis the steps are traced in `logical_mesh`. The state is donated: its
+    buffers are reused for the new state.
 
     With `train_examples` (every training example, as `data.device_examples` gives them, with its
     `decode`) the split is copied to every device once, and `train` takes batches of example
@@ -176,6 +296,10 @@ def compile_jit(
 
         return put_batch
 
+    if mesh.shape["tensor"] > 1:
+        train, evaluate = in_mesh(train, mesh), in_mesh(evaluate, mesh)
+        if train_many:
+            train_many = in_mesh(train_many, mesh)
     if serializes_collectives(mesh.devices.flat):
         train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
         if train_many:
@@ -185,6 +309,33 @@ def compile_jit(
     return Compiled(
         put(batch_sharding), train, evaluate, identity, identity, put_batches, train_many
     )
+
+
+@contextlib.contextmanager
+def logical_mesh(mesh: Mesh):
+    """`mesh` set and `LOGICAL_RULES` in effect: what the models' activation constraints
+    (`nn.with_logical_constraint`) need to name mesh axes while a step is traced; without them
+    those constraints do nothing."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
+
+
+def in_mesh(step_fn: Callable, mesh: Mesh) -> Callable:
+    """`step_fn` (a jitted step), traced at its first call or by `.lower` in `logical_mesh`."""
+
+    @functools.wraps(step_fn)
+    def call(*args):
+        with logical_mesh(mesh):
+            return step_fn(*args)
+
+    if hasattr(step_fn, "lower"):
+
+        def lower(*args):
+            with logical_mesh(mesh):
+                return step_fn.lower(*args)
+
+        call.lower = lower  # ahead-of-time compilation (train.compile) sees the rules too
+    return call
 
 
 def gather_rows(examples: dict[str, jax.Array], indices: jax.Array) -> dict[str, jax.Array]:

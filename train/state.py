@@ -63,10 +63,31 @@ def state_from_module(
     Returns:
       A TrainState; pure, so it can be jitted with output shardings.
     """
+    # Plain arrays from here on (checkpoints, optimizers, steps); the layout that the boxes of
+    # annotated layers (`nn.with_logical_partitioning`) name comes from `param_logical_axes`.
+    params = nn.unbox(init_params(model, rng, inputs))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, task=task)
+
+
+def init_params(model: nn.Module, rng: jax.Array, inputs: Any) -> Any:
+    """`model`'s initial params, as `model.init` gives them: a layer annotated with logical axis
+    names holds an `nn.Partitioned` box around its array."""
     # A "dropout" stream too: Flax NNX layers take their rng streams when they are built.
     rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
-    params = model.init(rngs, *as_tuple(inputs), train=False)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer, task=task)
+    return model.init(rngs, *as_tuple(inputs), train=False)["params"]
+
+
+def param_logical_axes(
+    config: ml_collections.ConfigDict, inputs: Any = None, *, model: nn.Module | None = None
+) -> Any:
+    """The logical axis names of the params of the model `config` names (or `model`), nothing
+    computed: a PartitionSpec of names per parameter (e.g. `("embed", "mlp")` for the
+    Transformer's `mlp_in` kernel), `PartitionSpec()` for one declared without names.
+    `parallel.state_shardings` maps them to mesh axes."""
+    model = build_model(config) if model is None else model
+    inputs = example_inputs(config) if inputs is None else inputs
+    boxed = jax.eval_shape(lambda rng: init_params(model, rng, inputs), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
 
 
 def as_tuple(inputs: Any) -> tuple:

@@ -118,7 +118,7 @@ def restore_params(
     elif step not in steps:
         raise FileNotFoundError(f"No checkpoint step {step} in {directory}; it holds {steps}.")
     inputs = as_tuple(example_inputs(config))  # two for an encoder-decoder
-    init = lambda rng: model.init(rng, *inputs, train=False)["params"]  # noqa: E731
+    init = lambda rng: nn.unbox(model.init(rng, *inputs, train=False)["params"])  # noqa: E731
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

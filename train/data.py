@@ -191,7 +191,11 @@ def load_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
 
 def kind(data_config: ml_collections.ConfigDict) -> str:
     """How `data.dataset` is read: 'image', 'characters', 'words' or 'seq2seq' (see DATASETS;
-    `train.tasks` maps each to a task). Reads no files for the data sets of DATASETS."""
+    `train.tasks` maps each to a task). Reads no files, and looks for no data dir, for the data
+    sets of DATASETS."""
+    name = data_config.dataset.split(":")[0]
+    if name in DATASETS:
+        return DATASETS[name]
     return _kind(data_config.dataset, resolve_data_dir(data_config))
 
 

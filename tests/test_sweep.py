@@ -408,8 +408,9 @@ def test_median_pruner_stops_a_trial_below_the_finished_ones(tmp_path):
     )
     the_sweep = sweep.build_sweep(args, extras)
 
-    def verdict(*values):
-        study = optuna.create_study(direction="maximize", pruner=sweep.make_pruner("median"))
+    def verdict(*values, prune_after=0):
+        pruner = sweep.make_pruner("median", prune_after)
+        study = optuna.create_study(direction="maximize", pruner=pruner)
         for finished in ((0.5, 0.8, 0.9), (0.6, 0.85, 0.9), (0.7, 0.9, 0.95)):
             study.add_trial(
                 optuna.trial.create_trial(
@@ -430,6 +431,11 @@ def test_median_pruner_stops_a_trial_below_the_finished_ones(tmp_path):
     assert verdict(0.65, 0.86) is None  # above the median
     assert verdict(0.65, 0.86, 0.1) is None  # the last evaluation: the trial is done
     assert verdict(0.3) == "eval/accuracy 0.3 at step 10, stopped by the MedianPruner"
+    # --prune_after=20: step 10 is not judged, step 20 is.
+    assert verdict(0.3, prune_after=20) is None
+    assert verdict(0.3, 0.55, prune_after=20) == (
+        "eval/accuracy 0.55 at step 20, stopped by the MedianPruner"
+    )
 
 
 def test_failure_reason_is_the_trials_own_error_line():

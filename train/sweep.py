@@ -193,14 +193,15 @@ def make_sampler(
     return optuna.samplers.GridSampler(space, seed=seed)
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """The --pruner of that name; median and percentile wait for 3 finished trials."""
+def make_pruner(name: str, prune_after: int = 0) -> optuna.pruners.BasePruner:
+    """The --pruner of that name; median and percentile wait for 3 finished trials and judge no
+    evaluation before step `prune_after` (hyperband: its first rung)."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_min_trials=3)
+        return optuna.pruners.MedianPruner(3, prune_after, n_min_trials=3)
     if name == "percentile":
-        return optuna.pruners.PercentilePruner(25.0, n_startup_trials=3, n_min_trials=3)
+        return optuna.pruners.PercentilePruner(25.0, 3, prune_after, n_min_trials=3)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.HyperbandPruner(min_resource=prune_after or "auto")
     return optuna.pruners.NopPruner()
 
 
@@ -317,7 +318,7 @@ def open_study(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
         sampler=make_sampler(
             args.sampler, args.seed, sweep.params, args.grid_points, args.startup_trials
         ),
-        pruner=make_pruner(args.pruner),
+        pruner=make_pruner(args.pruner, args.prune_after),
         direction="maximize" if sweep.mode == "max" else "minimize",
         load_if_exists=True,
     )
@@ -768,6 +769,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     add("--grid_points", type=int, default=3, help="Grid: values of each float range.")
     add("--startup_trials", type=int, help="tpe, cmaes, gp: random trials first (optuna's).")
     add("--pruner", choices=PRUNERS, default="none", help="What stops trials early.")
+    add("--prune_after", type=int, default=0, help="No pruning before this step (0).")
     add("--metric", default="eval/accuracy", help="A metrics.jsonl key.")
     add("--mode", choices=("max", "min"), default="max", help="Best is max/min.")
     add("--storage", help="An optuna storage URL the workers share (sqlite:///DIR/sweep.db).")

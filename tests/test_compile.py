@@ -286,3 +286,25 @@ def test_1b_fits_a_v5p_64():
     assert report.fits and report.per_device["total"] < 95 * tc.GiB
     params = transformer_params(256, 2048, 8192, 16, 2048)
     assert report.per_device["params"] == params * 4 // 32
+
+
+@needs_libtpu
+def test_slices_put_data_parallelism_across_slices_and_the_rest_within():
+    """train.mesh.slices: the data axis runs across the slices, fsdp and tensor within one, so
+    only data parallelism's gradient sums cross the data-center network."""
+    from train import parallel
+
+    devices = tc.slice_devices(tc.parse_slice("v5e-8"), num_slices=2)
+    config = load_config(f"{REPO}/configs/transformer.py:tiny").train.mesh
+    config.update(dict(data=4, fsdp=2, tensor=2, slices=2))
+    mesh = parallel.make_mesh(config, list(reversed(devices)))  # any order of the devices
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 2}
+    slice_of = np.vectorize(lambda device: device.slice_index)(mesh.devices)
+    np.testing.assert_array_equal(slice_of[:2], 0)  # the first half of `data`: slice 0
+    np.testing.assert_array_equal(slice_of[2:], 1)
+    config.update(dict(data=3, fsdp=-1, tensor=1))
+    with pytest.raises(ValueError, match=r"^train.mesh.slices=2 must divide train.mesh.data=3"):
+        parallel.make_mesh(config, devices[:12])
+    config.update(dict(data=2, fsdp=2, tensor=1))
+    with pytest.raises(ValueError, match=r"belong to no slices; set train.mesh.slices=1"):
+        parallel.make_mesh(config, jax.devices("cpu")[:1] * 4)

@@ -345,6 +345,9 @@ def compile_train_step(
             f"data.batch_size={batch_size} does not divide over {len(devices)} devices; "
             f"set --config.data.batch_size to a multiple of {len(devices)}."
         )
+    if num_slices > 1:  # the slices' own layout, as a run on them sets train.mesh.slices
+        config = config.copy_and_resolve_references()
+        config.train.mesh.slices = num_slices
     mesh = parallel.make_mesh(config.train.mesh, devices)
     state, shardings, batch, rng = abstract_arguments(config, mesh, per_call)
     steps = parallel.compile_jit(

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.mesh.data = -1  # data parallel: the batch is split over data x fsdp devices
     config.train.mesh.fsdp = 1  # >1 shards params and optimizer state (FSDP)
     config.train.mesh.tensor = 1  # >1 splits the Transformer's heads and MLP units (Megatron)
+    # >1: TPU slices joined by the data-center network (Multislice): `data` is split across them,
+    # fsdp and tensor stay within each slice, on the chips' own links
+    config.train.mesh.slices = 1
     config.train.grad_accum_steps = 1  # micro-batches per step; the same update, less memory
     config.train.steps_per_call = 1  # steps run in one compiled call; >1 for sub-ms steps
     config.train.compile_cache_dir = "~/.cache/jaxmodels/xla"  # "" off (command line only)

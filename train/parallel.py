@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -69,7 +70,8 @@ def make_mesh(
 
     Args:
       mesh_config: `data`, `fsdp` and `tensor` axis sizes; -1 (in `data` or `fsdp`) takes the
-        devices left over. None: all data.
+        devices left over. None: all data. `slices` > 1 (TPU Multislice) lays `data` across
+        the slices (`jax.experimental.mesh_utils.create_hybrid_device_mesh`).
       devices: the devices to use; default every device of every process.
     """
     devices = jax.devices() if devices is None else devices
@@ -93,7 +95,25 @@ def make_mesh(
             f"does not cover the {len(devices)} devices; make the product {len(devices)}, or set "
             "data or fsdp to -1."
         )
-    return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    slices = 1 if mesh_config is None else mesh_config.get("slices", 1)
+    if slices == 1:
+        return Mesh(np.array(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    if slices < 1 or data % slices:
+        raise ValueError(
+            f"train.mesh.slices={slices} must divide train.mesh.data={data}: data parallelism is "
+            "what goes across slices; set data to a multiple of the slices."
+        )
+    if not all(hasattr(device, "slice_index") for device in devices):
+        raise ValueError(
+            f"train.mesh.slices={slices}, but these devices ({devices[0].platform}) belong to "
+            "no slices; set train.mesh.slices=1."
+        )
+    # Each slice holds data / slices x fsdp x tensor devices; only `data` crosses the slower
+    # network between slices (its gradient all-reduce), never the FSDP gathers or tensor sums.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, MESH_AXES)
 
 
 def param_spec(shape: tuple[int, ...], fsdp_size: int, taken: P | None = None) -> P:

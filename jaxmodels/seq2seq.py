@@ -17,7 +17,7 @@ Training calls the model on whole sequences (teacher forcing):
     logits = model.apply({"params": params}, inputs, decoder_inputs, train=True, rngs=...)
 
 Decoding encodes once and then feeds the decoder one token at a time, its keys and values kept in
-the `"cache"` collection (`train.sample.translate` does this):
+the `"cache"` collection (`train.decode.translate` does this):
 
     encoded = model.apply(variables, inputs, train=False, method="encode")
     logits, variables = model.apply({"params": params, "cache": cache}, encoded, inputs, token,

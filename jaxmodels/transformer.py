@@ -14,7 +14,7 @@ collection, so that each new token costs one position instead of a re-run of the
                                     decode=True, mutable=["cache"])  # tokens: the next positions
 
 The creating call fixes the cache's batch size and `length` (its output is that of an ordinary
-causal pass); `train.sample.init_cache` makes it with `jax.eval_shape`, at no cost. Later calls take
+causal pass); `train.decode.init_cache` makes it with `jax.eval_shape`, at no cost. Later calls take
 one or more new positions each (a prompt in one call, then one token at a time) and must not run
 past `length`.
 """

@@ -37,7 +37,7 @@ import optax
 import tensorflow_datasets as tfds
 from absl import logging
 
-from train import data, sample, translation
+from train import data, decode, translation
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -221,10 +221,10 @@ class LanguageModel(Task):
         """
         num_lines = config.train.sample_lines
         prompt = jnp.asarray(np.tile(info.encode("\n")[:1], (num_lines, 1)), jnp.int32)
-        cached = sample.uses_cache(state.apply_fn)
+        cached = decode.uses_cache(state.apply_fn)
         draw = jax.jit(
             functools.partial(
-                sample.sample_tokens_cached if cached else sample.sample_tokens,
+                decode.sample_tokens_cached if cached else decode.sample_tokens,
                 state.apply_fn,
                 length=config.train.sample_length,
                 context=config.data.seq_len,
@@ -241,10 +241,10 @@ class LanguageModel(Task):
         return texts
 
     def decodes_with_cache(self, apply_fn: Callable) -> bool:
-        return sample.uses_cache(apply_fn)
+        return decode.uses_cache(apply_fn)
 
     def decoder(self, config, apply_fn, ids, *, num_samples, length, cache, settings):
-        sampler = sample.sample_tokens_cached if cache else sample.sample_tokens
+        sampler = decode.sample_tokens_cached if cache else decode.sample_tokens
         function = functools.partial(
             sampler, apply_fn, length=length, context=config.data.seq_len, **settings
         )
@@ -281,13 +281,13 @@ class Seq2Seq(Task):
         return batch["inputs"], batch["decoder_inputs"]
 
     def eval_sums(self, state: Any, batch: Batch, weights: jax.Array) -> Metrics:
-        """Sums of greedy decoding (`train.sample.translate`, with its cache) against the targets:
+        """Sums of greedy decoding (`train.decode.translate`, with its cache) against the targets:
         `greedy_correct_sum`, the weighted target tokens it gets right (of `count`, as `sums`
         counts them), `sequence_correct_sum`, the rows whose every weighted token is right (the
         end token included), and `sequence_count`, the rows with any weight.
         """
         targets = batch["targets"]  # [batch, seq_len]
-        predicted = sample.translate(
+        predicted = decode.translate(
             state.apply_fn,
             state.params,
             batch["inputs"],
@@ -320,7 +320,7 @@ class Seq2Seq(Task):
         num_lines = min(config.train.sample_lines, len(batch["inputs"]))
         draw = jax.jit(
             functools.partial(
-                sample.translate,
+                decode.translate,
                 state.apply_fn,
                 length=config.data.seq_len,
                 bos_id=translation.BOS_ID,
@@ -352,7 +352,7 @@ class Seq2Seq(Task):
         source[:, : len(ids)] = ids
         length = min(length, config.model.max_len)
         function = functools.partial(
-            sample.translate,
+            decode.translate,
             apply_fn,
             length=length,
             bos_id=translation.BOS_ID,

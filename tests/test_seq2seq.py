@@ -173,7 +173,7 @@ def test_eval_step_scores_greedy_decoding_by_hand():
         "sequence_correct_sum": 1.0,
         "sequence_count": 3.0,
     }
-    scalars = metrics.summarize(sums, "eval")
+    scalars = metrics.summarize(sums, "eval", tasks.TASKS["seq2seq"].eval_averages)
     assert scalars["eval/accuracy"] == pytest.approx(7 / 9)
     assert scalars["eval/greedy_token_accuracy"] == pytest.approx(6 / 9)
     assert scalars["eval/sequence_accuracy"] == pytest.approx(1 / 3)

@@ -12,6 +12,7 @@ import optax
 import pytest
 from jax.extend import core as jax_core
 from jax.sharding import PartitionSpec as P
+from stepping import losses_and_params
 
 from train import TrainState, create_train_state, data, eval_step, loop, parallel, steps, train_step
 from train.config import load_config
@@ -98,18 +99,13 @@ def run_losses(config, mode: str, num_devices: int, num_steps: int = 4):
     mesh = parallel.make_mesh(
         ml_collections.ConfigDict({"data": -1, "fsdp": fsdp, "tensor": 1}), devices
     )
-    state, shardings = loop.init_state(config, mesh, jax.random.key(0))
-    if mode == "pmap":
-        compiled = parallel.compile_pmap(devices)
-    else:
-        compiled = parallel.compile_jit(mesh, shardings)
-    run_state, losses = compiled.to_run(state), []
-    iterator = data.train_iterator(config.data, seed=0)
-    for _ in range(num_steps):
-        batch = compiled.put_batch(next(iterator))
-        run_state, sums = compiled.train(run_state, batch, jax.random.key(3))
-        losses.append(float(sums["loss_sum"] / sums["count"]))
-    return losses, jax.device_get(compiled.from_run(run_state).params)
+
+    def compile_steps(shardings):
+        if mode == "pmap":
+            return parallel.compile_pmap(devices)
+        return parallel.compile_jit(mesh, shardings)
+
+    return losses_and_params(config, mesh, compile_steps, num_steps)
 
 
 # Every way to run the tiny MLP; the Transformer (FSDP's target) sharded over all four devices

@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from stepping import losses_and_params
 
-from train import data, loop, parallel
+from train import loop, parallel
 from train.config import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -38,15 +39,9 @@ def mesh_of(data_size: int, fsdp: int, tensor: int):
 
 def run_losses(config, mesh, num_steps: int = 4):
     """Per-step losses of `config` jitted over `mesh`, and the final params (on the host)."""
-    state, shardings = loop.init_state(config, mesh, jax.random.key(0))
-    compiled = parallel.compile_jit(mesh, shardings)
-    run_state, losses = compiled.to_run(state), []
-    iterator = data.train_iterator(config.data, seed=0)
-    for _ in range(num_steps):
-        batch = compiled.put_batch(next(iterator))
-        run_state, sums = compiled.train(run_state, batch, jax.random.key(3))
-        losses.append(float(sums["loss_sum"] / sums["count"]))
-    return losses, jax.device_get(compiled.from_run(run_state).params)
+    return losses_and_params(
+        config, mesh, lambda shardings: parallel.compile_jit(mesh, shardings), num_steps
+    )
 
 
 # (data, fsdp, tensor) on the 4 CPU devices of conftest; the decoder LM on every split, the

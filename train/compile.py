@@ -54,8 +54,8 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
 from train import __main__ as command_line
-from train import loop, parallel
-from train.state import create_train_state, example_inputs, param_logical_axes
+from train import loop, parallel, tasks
+from train.state import create_train_state, param_logical_axes
 
 flags.DEFINE_string("topology", None, "A slice: v5e-16, v4-8, v5p-128, v6e-256, ... or cpu-N.")
 flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (Multislice).")
@@ -226,28 +226,13 @@ def abstract_arguments(
 ) -> tuple[Any, Any, dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
     """The train step's arguments as shapes, nothing allocated: (state, its shardings, batch,
     rng). The state is what `loop.init_state` builds, laid out by `parallel.state_shardings`; the
-    batch holds `data.batch_size` rows of the model's inputs (`state.example_inputs`), targets
-    shaped like its logits less the last axis, and weights; stacked `[steps_per_call, ...]` when
-    several steps run per call."""
+    batch holds `data.batch_size` rows of the task's fields (`Task.example_batch`), stacked
+    `[steps_per_call, ...]` when several steps run per call."""
     rng = jax.random.key(config.seed)
     state = jax.eval_shape(functools.partial(create_train_state, config), rng)
     parallel.check_tensor_parallel(config.model, mesh)
     shardings = parallel.state_shardings(state, mesh, param_logical_axes(config))
-    inputs = jax.eval_shape(lambda: example_inputs(config, config.data.batch_size))
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    logits = jax.eval_shape(
-        lambda params, *inputs: state.apply_fn({"params": params}, *inputs, train=False),
-        state.params,
-        *inputs,
-    )
-    targets = jax.ShapeDtypeStruct(logits.shape[:-1], jnp.int32)
-    batch = {
-        "inputs": inputs[0],
-        "targets": targets,
-        "weights": jax.ShapeDtypeStruct(targets.shape, jnp.float32),
-    }
-    if len(inputs) == 2:  # an encoder-decoder's decoder inputs
-        batch["decoder_inputs"] = inputs[1]
+    batch = jax.eval_shape(lambda: state.task.example_batch(config, config.data.batch_size))
     if steps_per_call > 1:
         batch = {
             k: jax.ShapeDtypeStruct((steps_per_call, *v.shape), v.dtype) for k, v in batch.items()
@@ -486,10 +471,13 @@ def compiler_flops(compiled: Any, num_devices: int) -> float | None:
 
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:
-    """Positions a step trains on: batch x seq_len for sequence data, else the batch."""
-    if config.data.dataset == "mnist":
-        return config.data.batch_size
-    return config.data.batch_size * config.data.seq_len
+    """Positions a step trains on: every token of a batch's inputs (batch x seq_len) for inputs of
+    token ids, else one per example (an image)."""
+    task = tasks.for_config(config)
+    inputs = jax.eval_shape(lambda: task.example_batch(config, config.data.batch_size))["inputs"]
+    if jnp.issubdtype(inputs.dtype, jnp.integer):
+        return math.prod(inputs.shape)
+    return inputs.shape[0]
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict, params: Any) -> float | None:

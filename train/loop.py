@@ -6,6 +6,7 @@ can a notebook); the functions below it follow its steps in order: check, build,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -77,13 +78,145 @@ def train_and_evaluate(
     """
     # Check: bad input fails here, before anything is built or written.
     workdir = pathlib.Path(workdir)
-    is_chief = jax.process_index() == 0
     check_train_config(config)
-    per_call = get_steps_per_call(config.train)
     info = data.load_info(config.data)
     data.eval_batches(config.data)  # a bad eval split fails now, not after training
 
     # Build: the state laid out over the mesh; the base key is passed unchanged to every step.
+    mesh = make_mesh(config)
+    init_rng, step_rng, sample_rng = split_keys(config.seed, mesh)
+    state, shardings = init_state(config, mesh, init_rng, model=model)
+    check_model_fits_data(config, state, info)
+    # Only once model and data are known to be good, so bad input leaves no trace; a second run
+    # on the same workdir stops here.
+    if jax.process_index() == 0:
+        check_workdir_model(config, workdir)
+
+    # Restore and step: log, evaluate and save on schedule until the last step or a stop signal.
+    with open_run(config, workdir, mesh, state, shardings, step_rng, on_event) as run:
+        state, scalars, last_step = run_steps(run)
+        if last_step < config.train.num_steps:
+            run.manager.wait_until_finished()
+            logging.warning(
+                "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to "
+                "resume.",
+                run.received[0],
+                last_step,
+                run.manager.directory,
+            )
+            return state, scalars
+        if run.start_step >= config.train.num_steps:
+            logging.info("%s already holds a finished run of %d steps.", workdir, last_step)
+            scalars = evaluate(run.compiled, run.compiled.to_run(state), config)
+
+    # Sample: what the task writes after training (`train.tasks`): a language model a few texts,
+    # to the log and samples.txt, an encoder-decoder a few translations of held-out sources.
+    if config.train.sample_lines > 0:
+        state.task.after_training(config, state, info, sample_rng, workdir)
+    logging.info("Finished at step %d; %s.", last_step, process.describe_peak_memory())
+    return state, scalars
+
+
+@dataclasses.dataclass
+class Run:
+    """What `run_steps` works with, opened (and closed) by `open_run`."""
+
+    config: ml_collections.ConfigDict
+    compiled: Compiled  # the train and eval steps
+    state: TrainState  # where the steps start: fresh, or restored from a checkpoint
+    start_step: int
+    step_rng: jax.Array  # the base key of every step
+    window: ReportWindow  # the steps since the last report (restored ones included)
+    train_iter: Any  # this process's training batches, at start_step
+    manager: Any  # the orbax manager of WORKDIR/checkpoints
+    best: Any  # the manager of WORKDIR/best (`train.keep_best`), or None
+    writer: metrics.MetricWriter | None  # metrics.jsonl and TensorBoard (the chief process)
+    received: list[str]  # the stop signals received so far
+    profile_dir: pathlib.Path
+    on_event: Callable[[str, int], None]
+
+    def should_stop(self) -> bool:
+        return stop_requested(self.received)
+
+
+@contextlib.contextmanager
+def open_run(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    mesh: Mesh,
+    state: TrainState,
+    shardings: Any,
+    step_rng: jax.Array,
+    on_event: Callable[[str, int], None] | None = None,
+) -> Iterator[Run]:
+    """Locks `workdir`, writes config.json, restores the newest checkpoint, compiles the steps
+    and yields the `Run`; on leaving, even on error, saves in flight reach the disk, the managers,
+    the metric writer and the lock are closed and the stop-signal handlers restored."""
+    is_chief = jax.process_index() == 0
+    with contextlib.ExitStack() as resources:  # closed in reverse order: the lock last
+        if is_chief:
+            resources.callback(WorkdirLock(workdir).release)
+            write_config(config, workdir)
+        manager = checkpoint.make_manager(
+            workdir / "checkpoints", keep=config.train.checkpoint_keep
+        )
+        resources.callback(close_manager, manager)
+        best = None
+        if keep_best(config.train):  # the parameters of the best evaluation, in WORKDIR/best
+            best = checkpoint.make_best_manager(workdir / "best", keep_best(config.train))
+            resources.callback(close_manager, best, keep_best(config.train))
+
+        # With data.on_device the training split lives in device memory and the host sends
+        # indices; a streamed split (data.in_memory) is never held whole, so its batches come
+        # from the host.
+        on_device = (
+            config.data.on_device
+            and config.train.parallelism == "jit"
+            and data.in_memory(config.data)
+        )
+        had_checkpoints = bool(manager.all_steps())
+        train_iter = new_train_iterator(config, on_device)
+        start_step, state, step_rng, window = restore_run(manager, state, step_rng, train_iter)
+        if had_checkpoints and start_step == 0:
+            train_iter = new_train_iterator(config, on_device)  # a failed restore moved it
+
+        compiled = compile_steps(
+            config, mesh, shardings, on_device, get_steps_per_call(config.train)
+        )
+        writer = None
+        if is_chief:
+            writer = resources.enter_context(
+                contextlib.closing(metrics.MetricWriter(workdir, start_step))
+            )
+        received = resources.enter_context(signals.stop_signals())
+        yield Run(
+            config=config,
+            compiled=compiled,
+            state=state,
+            start_step=start_step,
+            step_rng=step_rng,
+            window=window,
+            train_iter=train_iter,
+            manager=manager,
+            best=best,
+            writer=writer,
+            received=received,
+            profile_dir=workdir / "profile",
+            on_event=on_event or (lambda moment, step: None),
+        )
+
+
+def close_manager(manager: Any, best_metric: str = "") -> None:
+    """Waits for a save in flight to reach the disk, then closes `manager` (with `best_metric`:
+    the best-parameters manager, whose kept step is logged)."""
+    manager.wait_until_finished()
+    if best_metric:
+        log_best(manager, best_metric)
+    manager.close()
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The device mesh of `config.train.mesh`, logged; pmap refuses a sharded state."""
     mesh = parallel.make_mesh(config.train.mesh)
     logging.info(
         "Devices: %d x %s over %d process(es); mesh %s.",
@@ -96,93 +229,16 @@ def train_and_evaluate(
         raise ValueError(
             "train.parallelism='pmap' replicates the state; FSDP and tensor parallelism need 'jit'."
         )
-    # Keys made under jit are global arrays, replicated over the mesh (as checkpoints hold them).
-    init_rng, step_rng, sample_rng = jax.jit(
-        lambda: jax.random.split(jax.random.key(config.seed), 3),
+    return mesh
+
+
+def split_keys(seed: int, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The run's keys for initialisation, the steps and sampling: made under jit, so they are
+    global arrays replicated over the mesh (as checkpoints hold them)."""
+    return jax.jit(
+        lambda: tuple(jax.random.split(jax.random.key(seed), 3)),
         out_shardings=NamedSharding(mesh, P()),
     )()
-    state, shardings = init_state(config, mesh, init_rng, model=model)
-    check_model_fits_data(config, state, info)
-    # Only once model and data are known to be good, so bad input leaves no trace; a second run
-    # on the same workdir stops here.
-    if is_chief:
-        check_workdir_model(config, workdir)
-    lock = WorkdirLock(workdir) if is_chief else None
-    manager = writer = best = None
-    try:
-        if is_chief:
-            write_config(config, workdir)
-
-        # Restore: the newest readable checkpoint, the data iterator's position included. With
-        # data.on_device the training split lives in device memory and the host sends indices;
-        # a streamed split (data.in_memory) is never held whole, so its batches come from the host.
-        on_device = (
-            config.data.on_device
-            and config.train.parallelism == "jit"
-            and data.in_memory(config.data)
-        )
-        manager = checkpoint.make_manager(
-            workdir / "checkpoints", keep=config.train.checkpoint_keep
-        )
-        if keep_best(config.train):  # the parameters of the best evaluation, in WORKDIR/best
-            best = checkpoint.make_best_manager(workdir / "best", keep_best(config.train))
-        had_checkpoints = bool(manager.all_steps())
-        train_iter = new_train_iterator(config, on_device)
-        start_step, state, step_rng, window = restore_run(manager, state, step_rng, train_iter)
-        if had_checkpoints and start_step == 0:
-            train_iter = new_train_iterator(config, on_device)  # a failed restore moved it
-
-        # Step: log, evaluate and save on schedule until the last step or a stop signal.
-        compiled = compile_steps(config, mesh, shardings, on_device, per_call)
-        writer = metrics.MetricWriter(workdir, start_step) if is_chief else None
-        with signals.stop_signals() as received:
-            state, scalars, last_step = run_steps(
-                config,
-                compiled,
-                state,
-                train_iter,
-                step_rng,
-                manager,
-                writer,
-                start_step,
-                lambda: stop_requested(received),
-                window=window,
-                profile_dir=workdir / "profile",
-                best=best,
-                on_event=on_event,
-            )
-        if last_step < config.train.num_steps:
-            manager.wait_until_finished()
-            logging.warning(
-                "Stopped by %s after step %d; checkpoint saved in %s. Run the same command to "
-                "resume.",
-                received[0],
-                last_step,
-                manager.directory,
-            )
-            return state, scalars
-        if start_step >= config.train.num_steps:
-            logging.info("%s already holds a finished run of %d steps.", workdir, last_step)
-            scalars = evaluate(compiled, compiled.to_run(state), config)
-    finally:
-        if manager is not None:
-            manager.wait_until_finished()  # a save in flight must reach the disk, even on error
-            manager.close()
-        if best is not None:
-            best.wait_until_finished()
-            log_best(best, keep_best(config.train))
-            best.close()
-        if writer is not None:
-            writer.close()
-        if lock is not None:
-            lock.release()
-
-    # Sample: what the task writes after training (`train.tasks`): a language model a few texts,
-    # to the log and samples.txt, an encoder-decoder a few translations of held-out sources.
-    if config.train.sample_lines > 0:
-        state.task.after_training(config, state, info, sample_rng, workdir)
-    logging.info("Finished at step %d; %s.", last_step, process.describe_peak_memory())
-    return state, scalars
 
 
 def keep_best(train_config: ml_collections.ConfigDict) -> str:
@@ -475,43 +531,29 @@ def compile_steps(
     )
 
 
-def run_steps(
-    config,
-    compiled,
-    state,
-    train_iter,
-    step_rng,
-    manager,
-    writer,
-    start_step,
-    should_stop,
-    window: ReportWindow | None = None,
-    profile_dir: pathlib.Path | None = None,
-    best: Any = None,
-    on_event: Callable[[str, int], None] | None = None,
-) -> tuple[TrainState, dict[str, float], int]:
-    """Steps from `start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
+def run_steps(run: Run) -> tuple[TrainState, dict[str, float], int]:
+    """Steps from `run.start_step` to `config.train.num_steps`: log, evaluate and save on schedule.
 
     Returns (state, scalars of the last report, the last step run). Stops early, with a
-    checkpoint, once `should_stop()` is true (checked after every call: every step, or every
+    checkpoint, once `run.should_stop()` is true (checked after every call: every step, or every
     `train.steps_per_call` steps). With `train.profile_steps` > 0, steps
-    `train.profile_first_step` onwards are recorded by JAX's profiler into `profile_dir`.
-    With a `best` manager (`train.keep_best`), every evaluation offers the parameters to it.
-    `on_event(moment, step)` is called after each call's steps ("step", before `should_stop()` is
+    `train.profile_first_step` onwards are recorded by JAX's profiler into `run.profile_dir`.
+    With a `run.best` manager (`train.keep_best`), every evaluation offers the parameters to it.
+    `run.on_event(moment, step)` is called after each call's steps ("step", before the stop is
     asked, so a stop signal sent there stops the run after that step), after a report was written
     ("report") and after the async save of a checkpoint was started ("save").
     """
-    on_event = on_event or (lambda moment, step: None)
-    trace = StepTrace(config.train, profile_dir)
-    window = ReportWindow.new(start_step) if window is None else window
+    config, compiled, train_iter = run.config, run.compiled, run.train_iter
+    trace = StepTrace(config.train, run.profile_dir)
+    window = run.window
     _, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
     num_steps = config.train.num_steps
-    run_state = compiled.to_run(state)
+    run_state = compiled.to_run(run.state)
     scalars: dict[str, float] = {}
-    step = start_step
+    step = run.start_step
     progress = tqdm(
         total=num_steps,
-        initial=start_step,
+        initial=step,
         unit="step",
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
@@ -524,18 +566,18 @@ def run_steps(
             batches = stack([next(train_iter) for _ in range(count)])
             train, batch = compiled.train_steps, compiled.put_batches(batches)
         trace.before(step + 1, step + count)
-        if step == start_step:
-            run_state, step_sums = timed_first_step(train, run_state, batch, step_rng, count)
+        if step == run.start_step:
+            run_state, step_sums = timed_first_step(train, run_state, batch, run.step_rng, count)
         else:
-            run_state, step_sums = train(run_state, batch, step_rng)
+            run_state, step_sums = train(run_state, batch, run.step_rng)
         trace.after(step + count, step_sums)
         window.add(step_sums, count)  # stays on device until a report
         step += count
         progress.update(count)
-        on_event("step", step)
+        run.on_event("step", step)
 
         is_last = step == num_steps
-        stop = should_stop()
+        stop = run.should_stop()
         # Reports fall on step numbers alone (log and checkpoint steps, the last step), so a run
         # stopped and resumed reports the same steps as one that never stopped; a stop saves the
         # unreported sums instead. Either way the sums are checked before a checkpoint is written.
@@ -547,21 +589,21 @@ def run_steps(
             scalars["train/learning_rate"] = float(schedule(step - 1))
             if step % config.train.eval_every == 0 or is_last:
                 scalars.update(evaluate(compiled, run_state, config))
-                if best is not None:
+                if run.best is not None:
                     check_best_metric(keep_best(config.train), scalars)
                     params = compiled.from_run(run_state).params
-                    checkpoint.save_best(best, step, params, scalars)
-            if writer:
-                writer.write(step, scalars)
+                    checkpoint.save_best(run.best, step, params, scalars)
+            if run.writer:
+                run.writer.write(step, scalars)
             progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
             window = ReportWindow.new(step)
-            on_event("report", step)
+            run.on_event("report", step)
         elif stop:
             metrics.check_finite(metrics.summarize(window.sums, "train"), window.first_step, step)
         if is_checkpoint_step or stop:
-            saved = saved_form(compiled.from_run(run_state), step_rng, window)
-            checkpoint.save(manager, step, saved, train_iter)
-            on_event("save", step)
+            saved = saved_form(compiled.from_run(run_state), run.step_rng, window)
+            checkpoint.save(run.manager, step, saved, train_iter)
+            run.on_event("save", step)
         if stop:
             break
     trace.close()
@@ -676,7 +718,7 @@ def evaluate(
     )
     for batch in batches:
         total = metrics.accumulate(total, compiled.eval(run_state, compiled.put_batch(batch)))
-    return metrics.summarize(total, "eval")
+    return metrics.summarize(total, "eval", run_state.task.eval_averages)
 
 
 def stop_requested(received: list[str]) -> bool:

@@ -30,21 +30,22 @@ def accumulate(total: Metrics | None, sums: Metrics) -> Metrics:
     return _add(total, sums)
 
 
-def summarize(sums: Metrics, prefix: str) -> dict[str, float]:
-    """Pulls sums to the host once and returns averages: `{prefix}/loss`, `{prefix}/accuracy`
-    and, for an encoder-decoder's evaluation, `{prefix}/greedy_token_accuracy` and
-    `{prefix}/sequence_accuracy`."""
+# What `summarize` reports: an average's name -> (the sum, the count it is divided by). A task adds
+# its own evaluation averages (`train.tasks.Task.eval_averages`).
+AVERAGES = {"loss": ("loss_sum", "count"), "accuracy": ("correct_sum", "count")}
+
+
+def summarize(
+    sums: Metrics, prefix: str, averages: dict[str, tuple[str, str]] | None = None
+) -> dict[str, float]:
+    """Pulls sums to the host once and returns averages: `{prefix}/loss`, `{prefix}/accuracy` and
+    those of `averages` (name -> (sum, count)) whose sums are present."""
     host = jax.device_get(sums)
-    count = max(float(host["count"]), 1e-12)
-    scalars = {
-        f"{prefix}/loss": float(host["loss_sum"]) / count,
-        f"{prefix}/accuracy": float(host["correct_sum"]) / count,
+    return {
+        f"{prefix}/{name}": float(host[total]) / max(float(host[count]), 1e-12)
+        for name, (total, count) in {**AVERAGES, **(averages or {})}.items()
+        if total in host
     }
-    if "sequence_count" in host:  # an encoder-decoder's greedy decoding (train.tasks.Seq2Seq)
-        scalars[f"{prefix}/greedy_token_accuracy"] = float(host["greedy_correct_sum"]) / count
-        sequences = max(float(host["sequence_count"]), 1e-12)
-        scalars[f"{prefix}/sequence_accuracy"] = float(host["sequence_correct_sum"]) / sequences
-    return scalars
 
 
 def check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:

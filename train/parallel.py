@@ -8,6 +8,7 @@ using the devices, with the conversions between that form of the state and the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -247,88 +248,130 @@ def compile_jit(
     `[steps_per_call, batch, ...]` (`put_batches`; with `train_examples`, stacked indices), and
     `train` still runs one.
     """
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    stacked_sharding = NamedSharding(mesh, P(None, BATCH_AXES))  # [steps, batch, ...]
+    layout = JitLayout(mesh, state_sharding)
     step = functools.partial(steps.train_step, grad_accum_steps=grad_accum_steps)
-    shardings = dict(out_shardings=(state_sharding, replicated), donate_argnums=0)
+    examples = None
+    one, many = step, functools.partial(steps.train_steps, step=step)
+    if train_examples is not None:
+        examples = layout.put_replicated(train_examples)
+        one, many = gathering_steps(step, layout.batch, decode)
+    train = layout.jit_step(one, layout.batch, examples)
+    train_many = layout.jit_step(many, layout.stacked, examples) if steps_per_call > 1 else None
+    evaluate = jax.jit(
+        steps.eval_step,
+        in_shardings=(state_sharding, layout.batch),
+        out_shardings=layout.replicated,
+    )
+    train, evaluate = layout.wrap(train), layout.wrap(evaluate)
+    train_many = layout.wrap(train_many) if train_many else None
+    identity = lambda state: state  # noqa: E731
+    return Compiled(
+        layout.putter(layout.batch),
+        train,
+        evaluate,
+        identity,
+        identity,
+        layout.putter(layout.stacked) if train_many else None,
+        train_many,
+    )
 
-    def jit_steps(step_fn, data_sharding, *, examples=None):
-        """jit of `step_fn(state, batch, rng)`, or of `step_fn(state, examples, batch, rng)` with
-        `examples` bound."""
+
+@dataclasses.dataclass(frozen=True)
+class JitLayout:
+    """Where `compile_jit`'s arrays live on `mesh`: the state as `state_sharding` says, batches
+    split over the batch axes, stacked batches `[steps, batch, ...]` likewise, keys and metrics
+    replicated."""
+
+    mesh: Mesh
+    state_sharding: Any
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(BATCH_AXES))
+
+    @property
+    def stacked(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(None, BATCH_AXES))
+
+    def jit_step(
+        self, step_fn: Callable, data_sharding: NamedSharding, examples: Any = None
+    ) -> Callable:
+        """jit of `step_fn(state, batch, rng) -> (state, sums)`, the state donated; with
+        `examples` (on every device), of `step_fn(state, examples, batch, rng)` with them bound
+        (an argument, not a constant folded into the program)."""
+        shardings = dict(out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         if examples is None:
             return jax.jit(
-                step_fn, in_shardings=(state_sharding, data_sharding, replicated), **shardings
+                step_fn,
+                in_shardings=(self.state_sharding, data_sharding, self.replicated),
+                **shardings,
             )
         compiled = jax.jit(
             step_fn,
-            in_shardings=(state_sharding, replicated, data_sharding, replicated),
+            in_shardings=(self.state_sharding, self.replicated, data_sharding, self.replicated),
             **shardings,
         )
         return lambda state, batch, rng: compiled(state, examples, batch, rng)
 
-    train_many = None
-    if train_examples is None:
-        train = jit_steps(step, batch_sharding)
-        if steps_per_call > 1:
-            train_many = jit_steps(
-                functools.partial(steps.train_steps, step=step), stacked_sharding
-            )
-    else:
+    def putter(self, sharding: NamedSharding) -> Callable[[dict], dict]:
+        """A function placing a host batch (this process's rows) as one global array per field."""
 
-        def gather_and_train(state, examples, index_batch, rng):
-            batch = gather_rows(examples, index_batch["indices"])
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)  # rows stay local
-            if decode is not None:
-                batch = decode(batch)
-            return step(state, batch, rng)
-
-        def gather_and_train_steps(state, examples, index_batches, rng):
-            def gather_and_step(state, index_batch, rng):
-                return gather_and_train(state, examples, index_batch, rng)
-
-            return steps.train_steps(state, index_batches, rng, step=gather_and_step)
-
-        on_device = jax.block_until_ready(
-            {  # the same arrays on every device; valid with many processes too
-                k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
-                for k, v in train_examples.items()
-            }
-        )
-        train = jit_steps(gather_and_train, batch_sharding, examples=on_device)
-        if steps_per_call > 1:
-            train_many = jit_steps(gather_and_train_steps, stacked_sharding, examples=on_device)
-
-    evaluate = jax.jit(
-        steps.eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=replicated
-    )
-
-    def put(sharding):
         def put_batch(batch):
-            if mesh.size == 1:
+            if self.mesh.size == 1:
                 # jit copies numpy arguments to their device itself, with much less host time
                 # per array than a separate device_put.
                 return batch
-            # Each process holds its own rows; together they form the global batch.
             return {
                 k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
             }
 
         return put_batch
 
-    if mesh.shape["tensor"] > 1:
-        train, evaluate = in_mesh(train, mesh), in_mesh(evaluate, mesh)
-        if train_many:
-            train_many = in_mesh(train_many, mesh)
-    if serializes_collectives(mesh.devices.flat):
-        train, evaluate = one_at_a_time(train), one_at_a_time(evaluate)
-        if train_many:
-            train_many = one_at_a_time(train_many)
-    identity = lambda state: state  # noqa: E731
-    put_batches = put(stacked_sharding) if train_many else None
-    return Compiled(
-        put(batch_sharding), train, evaluate, identity, identity, put_batches, train_many
-    )
+    def put_replicated(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The same arrays on every device (valid with many processes too), copied now."""
+        replicated = self.replicated
+        return jax.block_until_ready(
+            {
+                k: jax.make_array_from_callback(v.shape, replicated, lambda index, v=v: v[index])
+                for k, v in arrays.items()
+            }
+        )
+
+    def wrap(self, fn: Callable) -> Callable:
+        """`fn` traced in the logical mesh (a `tensor` axis), and called one at a time where
+        the devices serialize collectives."""
+        if self.mesh.shape["tensor"] > 1:
+            fn = in_mesh(fn, self.mesh)
+        if serializes_collectives(self.mesh.devices.flat):
+            fn = one_at_a_time(fn)
+        return fn
+
+
+def gathering_steps(
+    step: Callable, batch_sharding: NamedSharding, decode: Callable | None
+) -> tuple[Callable, Callable]:
+    """`step` on example indices: one step `(state, examples, {"indices": [b]}, rng)`, whose rows
+    are gathered from `examples` and decoded inside the step, and the same over stacked index
+    batches `[steps, b]` (`steps.train_steps`)."""
+
+    def one(state, examples, index_batch, rng):
+        batch = gather_rows(examples, index_batch["indices"])
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)  # rows stay local
+        if decode is not None:
+            batch = decode(batch)
+        return step(state, batch, rng)
+
+    def many(state, examples, index_batches, rng):
+        def step_on(state, index_batch, rng):
+            return one(state, examples, index_batch, rng)
+
+        return steps.train_steps(state, index_batches, rng, step=step_on)
+
+    return one, many
 
 
 @contextlib.contextmanager

@@ -19,9 +19,10 @@ ends with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -173,7 +174,39 @@ def generate(
 # --- Command line ---------------------------------------------------------------------------------
 
 
-INPUT_FLAG = {"image_classifier": "image", "text_classifier": "text", "language_model": "prompt"}
+def answer_image(exported: jax.export.Exported, meta: dict[str, Any], args) -> str:
+    inputs = image_inputs(read_image(args.image, meta), meta)
+    with export_errors(args.file, meta):
+        ((label, probability),) = classify(exported, inputs, meta)
+    return f"{label} ({probability:.3f})"
+
+
+def answer_text(exported: jax.export.Exported, meta: dict[str, Any], args) -> str:
+    inputs = text_inputs(args.text, meta)
+    with export_errors(args.file, meta):
+        ((label, probability),) = classify(exported, inputs, meta)
+    return f"{label} ({probability:.3f})"
+
+
+def answer_prompt(exported: jax.export.Exported, meta: dict[str, Any], args) -> str:
+    temperature = meta["sample_temperature"] if args.temperature is None else args.temperature
+    if args.length < 0 or temperature < 0:
+        raise ValueError(f"--length={args.length} and --temperature={temperature} must be >= 0.")
+    prompt = encode_characters(args.prompt, meta)
+    if not prompt:
+        raise ValueError("--prompt is empty; the model needs at least one token to go on from.")
+    with export_errors(args.file, meta):
+        tokens = generate(exported, prompt, args.length, temperature=temperature, seed=args.seed)
+    return "".join(meta["vocab"][i] for i in tokens)
+
+
+# The export's `kind` (`train.tasks.Task.export_kind`) -> the flag that gives its input, and what
+# answers it.
+ANSWERS = {
+    "image_classifier": ("image", answer_image),
+    "text_classifier": ("text", answer_text),
+    "language_model": ("prompt", answer_prompt),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -200,32 +233,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def answer(exported: jax.export.Exported, meta: dict[str, Any], args: argparse.Namespace) -> str:
     """What the command line prints for `args`: a label and its probability, or the text."""
-    flag = INPUT_FLAG[meta["kind"]]
+    if meta["kind"] not in ANSWERS:
+        raise ValueError(
+            f"{args.file} holds a {meta['kind']!r}, which this JAX serve cannot run; kinds it "
+            f"runs: {', '.join(ANSWERS)}."
+        )
+    flag, answer_kind = ANSWERS[meta["kind"]]
     if getattr(args, flag) is None:
         raise ValueError(f"{args.file} holds a {meta['kind'].replace('_', ' ')}; use --{flag}.")
-    if flag == "image":
-        inputs = image_inputs(read_image(args.image, meta), meta)
-    elif flag == "text":
-        inputs = text_inputs(args.text, meta)
-    else:
-        temperature = meta["sample_temperature"] if args.temperature is None else args.temperature
-        if args.length < 0 or temperature < 0:
-            raise ValueError(
-                f"--length={args.length} and --temperature={temperature} must be >= 0."
-            )
-        prompt = encode_characters(args.prompt, meta)
-        if not prompt:
-            raise ValueError("--prompt is empty; the model needs at least one token to go on from.")
+    return answer_kind(exported, meta, args)
+
+
+@contextlib.contextmanager
+def export_errors(file: str, meta: dict[str, Any]) -> Iterator[None]:
+    """The export's own checks of its inputs, and a JAX too old for it, as one ValueError."""
     try:
-        if flag == "prompt":
-            tokens = generate(
-                exported, prompt, args.length, temperature=temperature, seed=args.seed
-            )
-            return "".join(meta["vocab"][i] for i in tokens)
-        ((label, probability),) = classify(exported, inputs, meta)
-        return f"{label} ({probability:.3f})"
-    except (ValueError, TypeError, jax.errors.JaxRuntimeError) as error:  # the export's own checks
-        raise ValueError(f"{args.file} does not run here: {error}{version_hint(meta)}") from None
+        yield
+    except (ValueError, TypeError, jax.errors.JaxRuntimeError) as error:
+        raise ValueError(f"{file} does not run here: {error}{version_hint(meta)}") from None
 
 
 def version_hint(meta: dict[str, Any]) -> str:

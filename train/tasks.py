@@ -57,6 +57,9 @@ class Task:
     logits_rank: ClassVar[int] = 2  # of the logits the data needs: [batch, classes]
     decodes: ClassVar[bool] = False  # whether python -m train.sample can decode with it
     sample_temperature: ClassVar[float] = 1.0  # python -m train.sample's default
+    # What an evaluation reports besides loss and accuracy: name -> (sum, count) of `eval_sums`
+    # (`train.metrics.summarize`).
+    eval_averages: ClassVar[dict[str, tuple[str, str]]] = {}
 
     # --- The batch and the model ------------------------------------------------------------------
 
@@ -270,6 +273,10 @@ class Seq2Seq(Task):
     logits_rank: ClassVar[int] = 3  # [batch, seq_len, vocab]
     decodes: ClassVar[bool] = True
     sample_temperature: ClassVar[float] = 0.0
+    eval_averages: ClassVar[dict[str, tuple[str, str]]] = {
+        "greedy_token_accuracy": ("greedy_correct_sum", "count"),
+        "sequence_accuracy": ("sequence_correct_sum", "sequence_count"),
+    }
 
     def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> Batch:
         tokens = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)  # [batch, seq_len]

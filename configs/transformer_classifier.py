@@ -29,8 +29,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.pooling = "mean"  # mean | max over the words, of the last layer's outputs
     # SST-2's 67k training phrases are learnt by heart within two epochs (94% train accuracy):
     # heavy dropout and weight decay keep validation accuracy from falling as that happens.
-    config.model.dropout_rate = 0.5
-    config.model.word_dropout_rate = 0.0  # share of words replaced by <unk> in training
+    # The dropout rates and learning rate below are the best of a TPE sweep of 24 trials
+    # (benchmarks/RESULTS.md, benchmarks/sweeps/transformer_classifier-2026-12-06.jsonl), kept to
+    # the sweep's full precision so the run is the one measured: 83.5% against 82.3% for dropout
+    # 0.5, no word dropout and learning rate 2e-3.
+    config.model.dropout_rate = 0.3558009656521988
+    config.model.word_dropout_rate = 0.021790372983408204  # share of words replaced by <unk>
     config.model.unk_id = 1  # the data layer's <unk>
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
     config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
@@ -47,7 +51,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     config.optimizer.name = "adamw"  # any optax optimizer: sgd, adam, adamw, lion, adafactor, ...
     config.optimizer.kwargs = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98))  # its own arguments
-    config.optimizer.learning_rate = 2e-3  # peak value of the schedule
+    config.optimizer.learning_rate = 0.0012139543755091892  # peak value of the schedule
     config.optimizer.weight_decay = 0.1  # on weight matrices and embeddings, not biases or norms
     config.optimizer.warmup_steps = 200
     config.optimizer.grad_clip_norm = 1.0  # clip the global gradient norm; 0 disables
@@ -66,6 +70,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         config.model.vocab_size = 2048
         config.model.max_len = 32
         config.model.dropout_rate = 0.0
+        config.model.word_dropout_rate = 0.0
         config.data.vocab_size = 2048
         config.data.seq_len = 32
         config.data.batch_size = 32

@@ -5,11 +5,13 @@ them."""
 import dataclasses
 import functools
 import pathlib
+import types
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -172,3 +174,15 @@ def test_a_fourth_task_trains_through_the_loops_compiled_steps():
         whole.params,
         parts.params,
     )
+
+
+@pytest.mark.parametrize("name", ["language_model", "seq2seq"])
+def test_token_tasks_refuse_logits_short_of_the_vocabulary_in_one_line(name):
+    task = tasks.TASKS[name]
+    config = ml_collections.ConfigDict({"data": {"dataset": "some_text"}})
+    info = types.SimpleNamespace(vocab_size=65)
+    task.check_fits(config, jax.ShapeDtypeStruct((2, 8, 65), jnp.float32), info)  # fits
+    for shape in [(2, 8, 64), (2, 65)]:  # too few ids; one score per sequence, not per position
+        with pytest.raises(ValueError, match=r"^some_text .*65.*logits have shape") as error:
+            task.check_fits(config, jax.ShapeDtypeStruct(shape, jnp.float32), info)
+        assert "\n" not in str(error.value) and "model.vocab_size >= 65" in str(error.value)

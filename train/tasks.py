@@ -209,12 +209,12 @@ class LanguageModel(Task):
     def check_fits(
         self, config: ml_collections.ConfigDict, logits: jax.ShapeDtypeStruct, info: Any
     ) -> None:
-        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
-            raise ValueError(
-                f"{config.data.dataset} is a language-model data set of {info.vocab_size} tokens, "
-                f"but the model's logits have shape {logits.shape}; use a per-step model with "
-                f"model.vocab_size >= {info.vocab_size}."
-            )
+        check_token_logits(
+            logits,
+            info.vocab_size,
+            f"{config.data.dataset} is a language-model data set of {info.vocab_size} tokens",
+            f"use a per-step model with model.vocab_size >= {info.vocab_size}",
+        )
 
     def after_training(self, config, state, info, rng, workdir) -> list[str]:
         """Samples `train.sample_lines` texts; logs them and writes samples.txt.
@@ -314,11 +314,12 @@ class Seq2Seq(Task):
     def check_fits(
         self, config: ml_collections.ConfigDict, logits: jax.ShapeDtypeStruct, info: Any
     ) -> None:
-        if logits.ndim != 3 or logits.shape[-1] < info.vocab_size:
-            raise ValueError(
-                f"{config.data.dataset} has {info.vocab_size} token ids, but the model's logits "
-                f"have shape {logits.shape}; set model.vocab_size >= {info.vocab_size}."
-            )
+        check_token_logits(
+            logits,
+            info.vocab_size,
+            f"{config.data.dataset} has {info.vocab_size} token ids",
+            f"set model.vocab_size >= {info.vocab_size}",
+        )
 
     def after_training(self, config, state, info, rng, workdir) -> list[str]:
         """Translates the first `train.sample_lines` sources of the eval split with the cached
@@ -402,6 +403,15 @@ def for_config(config: ml_collections.ConfigDict) -> Task:
             f"as configs/{task.model_names[0]}.py does."
         )
     return task
+
+
+def check_token_logits(
+    logits: jax.ShapeDtypeStruct, vocab_size: int, data: str, advice: str
+) -> None:
+    """A one-line ValueError (`data`, then `advice`) unless `logits` are `[batch, seq_len, n]`
+    with n >= `vocab_size`: one score per token id at every position."""
+    if logits.ndim != 3 or logits.shape[-1] < vocab_size:
+        raise ValueError(f"{data}, but the model's logits have shape {logits.shape}; {advice}.")
 
 
 def label_names(data_config: ml_collections.ConfigDict, num_classes: int) -> list[str]:

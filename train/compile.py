@@ -389,9 +389,9 @@ def compile_train_step(
 
 
 def steps_batch_sharding(mesh: Mesh, steps_per_call: int) -> NamedSharding:
-    """How `parallel.compile_jit` lays out a batch: rows over both mesh axes."""
-    axes = (None, parallel.BATCH_AXES) if steps_per_call > 1 else (parallel.BATCH_AXES,)
-    return NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+    """How `parallel.compile_jit` lays out a batch: rows over the batch axes (`JitLayout`)."""
+    layout = parallel.JitLayout(mesh, state_sharding=None)
+    return layout.stacked if steps_per_call > 1 else layout.batch
 
 
 def shard_bytes(tree: Any, shardings: Any) -> int:

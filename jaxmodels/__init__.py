@@ -1,7 +1,8 @@
 """Flax linen models and the one table that maps a config's `model.name` to a model class.
 
 The models are plain Flax; `jaxmodels.tuned` holds faster forms of some layers for XLA:CPU, which
-the CNN, LSTM and Transformer use when their `implementation` field asks for them.
+the CNN, LSTM, Transformer and encoder-decoder use when their `implementation` field asks for
+them.
 
 Usage:
   model = build_model("cnn", num_classes=10)

@@ -28,7 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.transformer import SelfAttention, TransformerBlock, cache_position
+from jaxmodels.transformer import (
+    SelfAttention,
+    TransformerBlock,
+    attention_kernel,
+    cache_position,
+)
 
 
 class CrossAttention(nn.Module):
@@ -38,11 +43,13 @@ class CrossAttention(nn.Module):
       num_heads: number of heads; must divide `width`.
       width: model width (input and output size).
       dtype: computation dtype; parameters stay float32.
+      implementation: the attention kernel, "standard", "cpu" or "auto" (`attention_kernel`).
     """
 
     num_heads: int
     width: int
     dtype: str = "float32"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, encoded: jax.Array, mask: jax.Array) -> jax.Array:
@@ -68,7 +75,7 @@ class CrossAttention(nn.Module):
         kv = nn.Dense(2 * self.width, dtype=dtype, name="key_value")(encoded)
         kv = kv.reshape(batch, source_len, 2, self.num_heads, head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]  # each [batch, source_len, heads, head_dim]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [batch, target_len, heads, hd]
+        out = attention_kernel(self.implementation)(q, k, v, mask)  # [batch, target_len, heads, hd]
         out = out.reshape(batch, target_len, self.width)
         return nn.Dense(self.width, dtype=dtype, name="out")(out)  # [batch, target_len, width]
 
@@ -82,6 +89,7 @@ class DecoderBlock(nn.Module):
       mlp_dim: hidden size of the MLP.
       dropout_rate: dropout on the three residual branches (only when `train=True`).
       dtype: computation dtype; parameters stay float32.
+      implementation: the attention kernel of both attentions (see `attention_kernel`).
     """
 
     num_heads: int
@@ -89,6 +97,7 @@ class DecoderBlock(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: str = "float32"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -120,13 +129,13 @@ class DecoderBlock(nn.Module):
 
         y = nn.LayerNorm(dtype=dtype, name="self_attn_norm")(x)
         y = SelfAttention(
-            self.num_heads, self.width, self.dtype, implementation="standard", name="self_attn"
+            self.num_heads, self.width, self.dtype, self.implementation, name="self_attn"
         )(y, None, decode=decode)
         x = residual(x, y)
         y = nn.LayerNorm(dtype=dtype, name="cross_attn_norm")(x)
-        y = CrossAttention(self.num_heads, self.width, self.dtype, name="cross_attn")(
-            y, encoded, source_mask
-        )
+        y = CrossAttention(
+            self.num_heads, self.width, self.dtype, self.implementation, name="cross_attn"
+        )(y, encoded, source_mask)
         x = residual(x, y)
         y = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x)
         y = nn.Dense(self.mlp_dim, dtype=dtype, name="mlp_in")(y)  # [batch, target_len, mlp_dim]
@@ -181,6 +190,8 @@ class Seq2Seq(nn.Module):
       max_len: longest source and longest target sequence (size of the position embeddings).
       dropout_rate: dropout on residual branches (only when `train=True`).
       dtype: computation dtype; parameters stay float32 and the logits are returned as float32.
+      implementation: the attention kernel of every block, "standard", "cpu" or "auto" (see
+        `jaxmodels.transformer.attention_kernel`); the parameters are the same for all three.
     """
 
     vocab_size: int
@@ -191,6 +202,7 @@ class Seq2Seq(nn.Module):
     max_len: int
     dropout_rate: float = 0.0
     dtype: str = "float32"
+    implementation: str = "auto"
 
     def setup(self):
         dtype = jnp.dtype(self.dtype)
@@ -201,7 +213,6 @@ class Seq2Seq(nn.Module):
             embedding_init=nn.initializers.normal(stddev=0.02),
         )
         self.encoder_positions = PositionEmbedding(self.max_len, self.width)
-        # The plain layers: jaxmodels.tuned's forms are for the decoder-only Transformer.
         self.encoder_blocks = [
             TransformerBlock(
                 self.num_heads,
@@ -209,7 +220,7 @@ class Seq2Seq(nn.Module):
                 self.mlp_dim,
                 self.dropout_rate,
                 self.dtype,
-                implementation="standard",
+                self.implementation,
             )
             for i in range(self.num_layers)
         ]
@@ -222,6 +233,7 @@ class Seq2Seq(nn.Module):
                 self.mlp_dim,
                 self.dropout_rate,
                 self.dtype,
+                self.implementation,
             )
             for i in range(self.num_layers)
         ]

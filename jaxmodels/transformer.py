@@ -19,6 +19,8 @@ one or more new positions each (a prompt in one call, then one token at a time) 
 past `length`.
 """
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,13 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
     """The standard attention kernel: `[batch, seq_len, heads, head_dim]` q, k, v; mask None
     (causal) or bool, True where a query may attend to a key."""
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+
+
+def attention_kernel(implementation: str) -> Callable:
+    """The kernel `implementation` picks, `kernel(q, k, v, mask)` on projected heads
+    `[batch, len, heads, head_dim]`: `jax.nn.dot_product_attention` ("standard") or
+    `jaxmodels.tuned.attention` ("cpu"), the same function; "auto" is "cpu" on a CPU backend."""
+    return tuned.attention if tuned.use_tuned(implementation) else _attention
 
 
 class SelfAttention(nn.Module):
@@ -115,8 +124,9 @@ class SelfAttention(nn.Module):
                 raise ValueError("decode=True is causal attention; it takes no mask")
             k, v, mask = self._with_cache(k, v)
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
-        attention = tuned.attention if tuned.use_tuned(self.implementation) else _attention
-        out = attention(q, k, v, mask).reshape(batch, seq_len, self.width)  # heads concatenated
+        out = attention_kernel(self.implementation)(q, k, v, mask).reshape(
+            batch, seq_len, self.width
+        )  # heads concatenated
         return dense(self.width, ("heads", None), dtype, "out")(out)  # [batch, seq_len, width]
 
     def _with_cache(self, k: jax.Array, v: jax.Array):

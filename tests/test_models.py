@@ -32,7 +32,9 @@ SMALL_FIELDS = {
     "transformer": dict(
         vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12, **STANDARD
     ),
-    "seq2seq": dict(vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12),
+    "seq2seq": dict(
+        vocab_size=16, num_layers=2, num_heads=2, width=8, mlp_dim=16, max_len=12, **STANDARD
+    ),
 }
 # Variants beyond SMALL_FIELDS: an LSTM over float features and the Transformer encoder classifier.
 FEATURE_LSTM_FIELDS = dict(num_layers=1, hidden_size=8, num_outputs=4, **STANDARD)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_models import SMALL_FIELDS, H, example_input, key, random_normal
+from test_models import SMALL_FIELDS, H, as_args, example_input, key, random_normal
 
 from jaxmodels import SelfAttention, build_model, tuned
 from jaxmodels.cnn import Conv
@@ -29,6 +29,7 @@ MODEL_CASES = {
     "transformer": SMALL_FIELDS["transformer"],
     "transformer-encoder": ENCODER,
     "transformer-remat": dict(SMALL_FIELDS["transformer"], remat=True),
+    "seq2seq": SMALL_FIELDS["seq2seq"],  # self-attention, cross-attention over padded sources
 }
 
 
@@ -41,9 +42,11 @@ def test_cpu_implementation_equals_the_standard_one(case):
     x = example_input(name)
     if case == "transformer-encoder":
         x = x.at[1, 4:].set(0)  # padding in the second row
-    params = standard.init(key(0), x, train=False)["params"]
+    if case == "seq2seq":
+        x = (x[0].at[1, 4:].set(0), x[1])  # source padding in the second row
+    params = standard.init(key(0), *as_args(x), train=False)["params"]
     # The same parameter tree: checkpoints move between the two implementations.
-    cpu_shapes = jax.eval_shape(lambda: cpu.init(key(0), x, train=False))["params"]
+    cpu_shapes = jax.eval_shape(lambda: cpu.init(key(0), *as_args(x), train=False))["params"]
     assert jax.tree.map(jnp.shape, cpu_shapes) == jax.tree.map(jnp.shape, params)
     params = jax.tree.map(lambda p: p + 0.1 * random_normal(7, p.shape), params)  # biases too
     cotangent = None
@@ -52,11 +55,13 @@ def test_cpu_implementation_equals_the_standard_one(case):
         nonlocal cotangent
 
         def loss(params):
-            logits = model.apply({"params": params}, x, train=False)
+            logits = model.apply({"params": params}, *as_args(x), train=False)
             return (logits * cotangent).sum(), logits
 
         if cotangent is None:
-            shape = jax.eval_shape(lambda: model.apply({"params": params}, x, train=False)).shape
+            shape = jax.eval_shape(
+                lambda: model.apply({"params": params}, *as_args(x), train=False)
+            ).shape
             cotangent = random_normal(8, shape)
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return logits, grads

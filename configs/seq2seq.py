@@ -30,9 +30,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.model.max_len = 8  # longest source and target; >= data.seq_len
     config.model.dropout_rate = 0.0  # 100,000 problems, seen twice or three times: no overfitting
     config.model.dtype = "float32"  # computation dtype; "bfloat16" keeps float32 params
-    config.model.implementation = (
-        "auto"  # auto | standard | cpu: the attention kernel (jaxmodels/tuned.py)
-    )
+    config.model.implementation = "auto"  # auto | standard | cpu (jaxmodels/tuned.py)
 
     config.data.dataset = "addition"  # generated: 100,000 training problems, held-out ones apart
     config.data.batch_size = 128  # global: split over all devices and hosts

@@ -124,9 +124,8 @@ class SelfAttention(nn.Module):
                 raise ValueError("decode=True is causal attention; it takes no mask")
             k, v, mask = self._with_cache(k, v)
         # Scores are scaled by head_dim ** -0.5 and the softmax runs in float32.
-        out = attention_kernel(self.implementation)(q, k, v, mask).reshape(
-            batch, seq_len, self.width
-        )  # heads concatenated
+        attention = attention_kernel(self.implementation)
+        out = attention(q, k, v, mask).reshape(batch, seq_len, self.width)  # heads concatenated
         return dense(self.width, ("heads", None), dtype, "out")(out)  # [batch, seq_len, width]
 
     def _with_cache(self, k: jax.Array, v: jax.Array):

@@ -15,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 
-# Must happen before jax is imported anywhere: multi-device tests (jit vs pmap) need 4 devices.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-).strip()
+from commands import xla_flags
+
+# Must happen before jax is imported anywhere: multi-device tests (jit vs pmap) need 4 devices;
+# the tests' compile setting is commands.COMPILE_FLAGS.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(4)}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from commands import xla_flags
 
 from train import loop, process
 from train.config import load_config
@@ -156,7 +157,7 @@ def test_resume_continues_exactly(tmp_path):
 def run_tiny_transformer(workdir: pathlib.Path, *overrides: str) -> tuple[list[dict], str]:
     """`python -m train` on the tiny Transformer for 20 steps, on JAX's one CPU device unless
     `overrides` ask for more; (the reports in metrics.jsonl, stderr)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     result = subprocess.run(
         [
             sys.executable,

@@ -17,6 +17,7 @@ import jax
 import nbformat
 import numpy as np
 import pytest
+from commands import xla_flags
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -92,7 +93,7 @@ def test_quickstart_notebook(shared_data_dir, tmp_path, monkeypatch):
     }
     for variable, value in settings.items():
         monkeypatch.setenv(variable, value)
-    monkeypatch.delenv("XLA_FLAGS")  # one CPU device, as on Colab's CPU runtime
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device, as on Colab's CPU runtime
     results = (
         "dict(repo=str(REPO_DIR), cwd=os.getcwd(), "
         "transformer_step=int(transformer_state.step), transformer=transformer_report, "
@@ -133,7 +134,7 @@ def test_research_loop_notebook(tmp_path, monkeypatch):
     """Two optimizers, 20 steps each, on the embedded text, and the gradients of one batch."""
     monkeypatch.setenv("NUM_STEPS", "20")
     monkeypatch.setenv("EVAL_BATCHES", "4")
-    monkeypatch.delenv("XLA_FLAGS")  # one CPU device, as on Colab's CPU runtime
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device, as on Colab's CPU runtime
     results = (
         "dict(repo=str(REPO_DIR), losses={k: v[1].tolist() for k, v in runs.items()}, "
         "validation=validation, grad_norms=grad_norms, num_params=len(jax.tree.leaves(params)))"

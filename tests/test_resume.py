@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from commands import start_train
+from commands import start_train, xla_flags
 
 from train import loop
 from train.config import load_config
@@ -135,7 +135,7 @@ RESTORE_AND_DUMP = textwrap.dedent(
 
 
 def run_with_devices(num_devices, workdir, dump):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(num_devices))
     result = subprocess.run(
         [sys.executable, "-c", RESTORE_AND_DUMP, str(workdir), str(num_devices), str(dump)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,

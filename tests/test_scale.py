@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from commands import xla_flags
 
 from train.metrics import read_metrics
 
@@ -30,7 +31,7 @@ def free_port() -> int:
 
 
 def start(arguments, num_devices, **kwargs):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(num_devices))
     return subprocess.Popen(
         [sys.executable, "-m", "train", *arguments],
         cwd=REPO,

@@ -53,6 +53,11 @@ from optuna.trial import TrialState
 from train import cli, signals
 from train.config import load_config
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, the retries alone
+    fcntl = None
+
 KINDS = ("loguniform", "uniform", "int", "choice")
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -299,19 +304,27 @@ class Sweep:
 def open_study(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
     """The sweep's study in --storage, with heartbeats; a new one records the sweep's settings."""
     url = args.storage or f"sqlite:///{(sweep.workdir / 'sweep.db').resolve()}"
-    for attempt in range(3):  # workers creating the tables at once: all but one fail, then load
-        try:
-            storage = optuna.storages.RDBStorage(
-                url,
-                # sqlite: workers wait for each other's writes rather than fail at once.
-                engine_kwargs={"connect_args": {"timeout": 60}} if "sqlite" in url else None,
-                heartbeat_interval=args.heartbeat,
-                heartbeat_stale_trial_callback=put_back,
-            )
-            break
-        except sqlalchemy.exc.DBAPIError:  # "table studies already exists", a unique key
-            if attempt == 2:
-                raise
+    sweep.workdir.mkdir(parents=True, exist_ok=True)
+    # Workers started at once would all create the tables and stamp their version: one at a time
+    # on this machine (a lock on the workdir); across machines, those that lose the race to
+    # another's write retry after a pause and load what it wrote.
+    with (sweep.workdir / ".storage.lock").open("a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for attempt in range(8):
+            try:
+                storage = optuna.storages.RDBStorage(
+                    url,
+                    # sqlite: workers wait for each other's writes rather than fail at once.
+                    engine_kwargs={"connect_args": {"timeout": 60}} if "sqlite" in url else None,
+                    heartbeat_interval=args.heartbeat,
+                    heartbeat_stale_trial_callback=put_back,
+                )
+                break
+            except sqlalchemy.exc.DBAPIError:  # "table studies already exists", a unique key
+                if attempt == 7:
+                    raise
+                time.sleep(0.25 * (attempt + 1))
     study = optuna.create_study(
         storage=storage,
         study_name=sweep.workdir.resolve().name,

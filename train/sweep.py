@@ -304,7 +304,6 @@ class Sweep:
 def open_study(sweep: Sweep, args: argparse.Namespace) -> optuna.Study:
     """The sweep's study in --storage, with heartbeats; a new one records the sweep's settings."""
     url = args.storage or f"sqlite:///{(sweep.workdir / 'sweep.db').resolve()}"
-    sweep.workdir.mkdir(parents=True, exist_ok=True)
     # Workers started at once would all create the tables and stamp their version: one at a time
     # on this machine (a lock on the workdir); across machines, those that lose the race to
     # another's write retry after a pause and load what it wrote.
